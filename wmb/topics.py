@@ -1,0 +1,28 @@
+"""Topic names: one place, so every stage and `wmb lag` agree on them."""
+
+from __future__ import annotations
+
+
+def changes_topic(source: str, prefix: str = "") -> str:
+    """Change events of one source (all its databases); partitioned by the ordering scope."""
+    return f"{prefix}wmb.{source}.changes"
+
+
+def capture_checkpoint_topic(source: str) -> str:
+    """Compacted; the capturer's position, written in the same Kafka transaction as the events."""
+    return f"wmb.{source}.checkpoint"
+
+
+def relay_checkpoint_topic() -> str:
+    """Compacted, in the destination cluster; key ``route|topic|partition`` -> next source offset."""
+    return "wmb.relay.checkpoint"
+
+
+def control_topic() -> str:
+    """Runtime commands for the daemons of one datacenter (route pause/resume/throttle)."""
+    return "wmb.control"
+
+
+def dead_letter_topic(dc: str) -> str:
+    """Poison messages of one datacenter, with the reason and the original offset in headers."""
+    return f"wmb.{dc}.dlq"
