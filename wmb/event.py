@@ -7,7 +7,7 @@ updater, replica applier) from those bytes.  No stage hands a library's row dict
 to another.
 
 Row values inside ``pk``, ``before`` and ``after`` are *exact* Python values (``Decimal``,
-``bytes``, ``datetime``, ``timedelta``, ``frozenset`` ...), such that a replica that writes them
+``bytes``, ``datetime``, ``timedelta``, ``str`` for SET ...), such that a replica that writes them
 through pymysql stores what the master stores; ``columns`` names each column's wmb type so the codec
 can carry them through JSON without loss (see :mod:`wmb.values`).
 """

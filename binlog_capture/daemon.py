@@ -1,0 +1,409 @@
+"""The capture daemon: binlog (complete transactions) -> Kafka transactions with their checkpoint.
+
+Threads: a *reader* thread owns the binlog stream and hands complete source transactions through a
+bounded queue; the main thread builds events, produces them and commits a Kafka transaction every
+``commit_interval_ms`` or ``commit_max_events`` (whichever first) *between* source transactions,
+with the checkpoint of the last one in the same Kafka transaction; a heartbeat thread upserts the
+heartbeat row.  A source transaction is never split: a 10k-row one rides in one Kafka transaction.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pymysql
+from kafka import errors as kerr
+
+from binlog_capture import heartbeat, preflight
+from binlog_capture.events import EventBuilder
+from binlog_capture.metrics import CaptureMetrics
+from binlog_capture.reader import (
+    GtidState,
+    SourceTxn,
+    StartPoint,
+    TxnReader,
+    check_gtid_servable,
+    current_file_pos,
+    current_gtid_state,
+)
+from binlog_capture.settings import CaptureSettings
+from binlog_capture.sink import Checkpoint, KafkaTxnSink
+from wmb import codec, log, topics, values
+from wmb.errors import ConfigError, FencedError, GaveUpError, PreflightError, WmbError
+from wmb.event import Gtid
+from wmb.runtime import MetricsServer, StopToken, io_retry
+
+_log = log.get("binlog_capture.daemon")
+
+StartMode = Literal["checkpoint", "now", "gtid"]
+
+# Connection-level failures of the binlog stream that a reconnect can cure.
+_MYSQL_RETRYABLE: tuple[type[BaseException], ...] = (
+    pymysql.err.OperationalError,
+    pymysql.err.InterfaceError,
+    ConnectionError,
+    OSError,
+)
+_MYSQL_AUTH_ERRORS = frozenset({1044, 1045, 1698, 1227})
+# kafka-python marks transient errors RetriableError (timeouts, no broker, connection lost).
+_KAFKA_RETRYABLE: tuple[type[BaseException], ...] = (kerr.RetriableError,)
+
+
+class _StreamBroke(Exception):
+    """The stream failed after making progress: reconnect at once with a fresh retry budget."""
+
+
+@dataclass
+class _ReaderFailed:
+    exc: BaseException
+
+
+class CaptureDaemon:
+    """One source's capture.  ``run()`` returns on stop; raises a WmbError subclass on refusal.
+
+    ``start``: ``"checkpoint"`` (default: resume after the saved checkpoint; with none, start at the
+    topology's ``start`` position or, without one, at the master's current position), ``"now"``
+    (ignore any checkpoint, start at the current position) or ``"gtid"`` (start after ``from_gtid``).
+    """
+
+    def __init__(
+        self,
+        settings: CaptureSettings,
+        *,
+        start: StartMode = "checkpoint",
+        from_gtid: str | None = None,
+        stop: StopToken | None = None,
+        metrics: CaptureMetrics | None = None,
+    ) -> None:
+        if start == "gtid" and not from_gtid:
+            raise ConfigError("--from-gtid needs a GTID")
+        self.s = settings
+        self.start_mode = start
+        self.from_gtid = from_gtid
+        self.stop = stop or StopToken()
+        self.metrics = metrics or CaptureMetrics(settings.source)
+        self.builder = EventBuilder(settings)
+        self.sink = KafkaTxnSink(
+            settings.kafka_bootstrap,
+            settings.transactional_id,
+            topics.changes_topic(settings.source),
+            topics.capture_checkpoint_topic(settings.source),
+            partitions=settings.partitions,
+            source=settings.source,
+        )
+        self._queue: queue.Queue[SourceTxn | _ReaderFailed | None] = queue.Queue(maxsize=512)
+        self._reader: TxnReader | None = None
+        self._reader_thread: threading.Thread | None = None
+        self._master_server_id = 0
+        self.last_checkpoint: Checkpoint | None = None
+        self.started = threading.Event()  # set once streaming (tests wait on it)
+        self._log = _log.bind(source=settings.source)
+
+    # -- connections -----------------------------------------------------------------------------
+    def _mysql_settings(self) -> dict[str, Any]:
+        s = self.s
+        return dict(host=s.mysql_host, port=s.mysql_port, user=s.mysql_user, passwd=s.mysql_password)
+
+    def connect(self) -> pymysql.connections.Connection:
+        s = self.s
+        try:
+            return pymysql.connect(
+                host=s.mysql_host,
+                port=s.mysql_port,
+                user=s.mysql_user,
+                password=s.mysql_password,
+                autocommit=True,
+                connect_timeout=10,
+                read_timeout=60,
+                write_timeout=60,
+            )
+        except pymysql.err.OperationalError as exc:
+            if exc.args and exc.args[0] in _MYSQL_AUTH_ERRORS:
+                # Not an outage: retrying a wrong password only delays the operator's fix.
+                raise PreflightError(
+                    f"cannot log in to {s.mysql_host}:{s.mysql_port} as {s.mysql_user!r}: {exc.args[1]}"
+                ) from exc
+            raise
+
+    def _retrying(self, what: str, retry_on: tuple[type[BaseException], ...]) -> Any:
+        return io_retry(
+            what,
+            retry_on=retry_on,
+            max_attempts=self.s.reconnect_max_attempts,
+            max_elapsed_s=self.s.reconnect_max_elapsed_s,
+            stop=self.stop,
+        )
+
+    # -- main ------------------------------------------------------------------------------------
+    def run(self) -> None:
+        values.install_library_fixes()
+        metrics_server = None
+        if self.s.metrics_port is not None:
+            metrics_server = MetricsServer(
+                self.s.metrics_port, self.health, registry=self.metrics.registry
+            ).start()
+        hb: heartbeat.HeartbeatWriter | None = None
+        try:
+            conn = self._with_retry("mysql connect", self.connect, _MYSQL_RETRYABLE)
+            try:
+                binlog = preflight.run(conn, self.s.mysql_user)
+                with conn.cursor() as cur:
+                    cur.execute("SELECT @@GLOBAL.server_id")
+                    row = cur.fetchone()
+                self._master_server_id = int(row[0]) if row else 0
+                if self._master_server_id == self.s.server_id:
+                    raise PreflightError(
+                        f"replication client server_id {self.s.server_id} equals the source's server_id; "
+                        "set a different replication_server_id"
+                    )
+                heartbeat.ensure_table(conn, self.s.heartbeat_database, self.s.heartbeat_table)
+                self._log.info("preflight_ok", **binlog, master_server_id=self._master_server_id)
+
+                self._with_retry("kafka topics", self.sink.ensure_topics, _KAFKA_RETRYABLE)
+                self.builder.partitions = self.sink.partitions
+                self._with_retry("kafka init_transactions", self.sink.start, _KAFKA_RETRYABLE)
+                start = self._start_point(conn)
+            finally:
+                conn.close()
+
+            hb = heartbeat.HeartbeatWriter(
+                self.connect,
+                self.s.heartbeat_database,
+                self.s.heartbeat_table,
+                self.s.source,
+                self.s.origin_dc,
+                self.s.heartbeat_interval_s,
+                self.stop,
+            ).start()
+            self._start_reader(start)
+            self.started.set()
+            self._loop()
+        finally:
+            if hb is not None:
+                hb.stop()
+            if self._reader is not None:
+                self._reader.close()
+            self.sink.close()
+            if metrics_server is not None:
+                metrics_server.stop()
+
+    def _with_retry(self, what: str, fn: Callable[[], Any], retry_on: tuple[type[BaseException], ...]) -> Any:
+        try:
+            for attempt in self._retrying(what, retry_on):
+                with attempt:
+                    return fn()
+        except retry_on as exc:
+            raise GaveUpError(f"{what}: gave up after the configured retry bound: {exc!r}") from exc
+        return None
+
+    # -- where to start ------------------------------------------------------------------------
+    def _start_point(self, conn: pymysql.connections.Connection) -> StartPoint:
+        mariadb = self.s.is_mariadb
+        if self.start_mode == "gtid":
+            assert self.from_gtid is not None
+            state = GtidState(self.from_gtid, mariadb=mariadb)
+            if mariadb:
+                check_gtid_servable(conn, state)
+            self._log.warning("start_from_gtid", gtid=str(state), overriding_checkpoint=True)
+            return StartPoint(str(state))
+        if self.start_mode == "checkpoint":
+            cp = self._with_retry("read checkpoint", self.sink.read_checkpoint, _KAFKA_RETRYABLE)
+            if cp is not None:
+                self.last_checkpoint = cp
+                if cp.gtid_state:
+                    if mariadb:
+                        check_gtid_servable(conn, GtidState(cp.gtid_state))
+                    self._log.info(
+                        "resume_from_checkpoint", gtid_state=cp.gtid_state, file=cp.file, pos=cp.pos
+                    )
+                    return StartPoint(cp.gtid_state)
+                self._log.info("resume_from_checkpoint", file=cp.file, pos=cp.pos)
+                return StartPoint(None, cp.file, cp.pos)
+            s = self.s
+            if s.start_gtid:
+                state = GtidState(s.start_gtid, mariadb=mariadb)
+                if mariadb:
+                    check_gtid_servable(conn, state)
+                self._log.info("first_start_from_configured_gtid", gtid=str(state))
+                return StartPoint(str(state))
+            if s.start_file and s.start_pos:
+                self._log.info("first_start_from_configured_file_pos", file=s.start_file, pos=s.start_pos)
+                return StartPoint(None, s.start_file, s.start_pos)
+            # Documented: no checkpoint record at all = a brand-new source, start at "now".
+            self._log.warning("first_start_no_checkpoint_from_now")
+        gtid_pos = current_gtid_state(conn) if mariadb else ""
+        file, pos = current_file_pos(conn)
+        if gtid_pos:
+            self._log.info("start_from_now", gtid_state=gtid_pos, file=file, pos=pos)
+            return StartPoint(gtid_pos, file, pos)
+        self._log.info("start_from_now", file=file, pos=pos)
+        return StartPoint(None, file, pos)
+
+    # -- reader thread ---------------------------------------------------------------------------
+    def _start_reader(self, start: StartPoint) -> None:
+        self._reader = TxnReader(
+            self._mysql_settings(),
+            self.s.server_id,
+            start,
+            mariadb=self.s.is_mariadb,
+            only_schemas=self.builder.filter.only_schemas(),
+            table_filter=self.builder.filter,
+        )
+        self._reader_thread = threading.Thread(target=self._read_loop, name="binlog-reader", daemon=True)
+        self._reader_thread.start()
+
+    def _read_loop(self) -> None:
+        try:
+            while not self.stop.stopped:
+                try:
+                    for attempt in self._retrying("binlog stream", _MYSQL_RETRYABLE):
+                        with attempt:
+                            self._stream_once()
+                    return
+                except _StreamBroke as exc:
+                    self._log.warning("binlog_stream_broke_reconnecting", error=repr(exc.__cause__))
+                    continue
+                except _MYSQL_RETRYABLE as exc:
+                    if self.stop.stopped:
+                        return
+                    raise GaveUpError(f"binlog stream: gave up reconnecting: {exc!r}") from exc
+        except BaseException as exc:
+            self._put(_ReaderFailed(exc))
+
+    def _stream_once(self) -> None:
+        assert self._reader is not None
+        progressed = False
+        try:
+            for txn in self._reader.transactions():
+                progressed = True
+                if not self._put(txn):
+                    return
+        except _MYSQL_RETRYABLE as exc:
+            if self.stop.stopped:
+                return
+            if progressed:
+                raise _StreamBroke() from exc
+            raise
+
+    def _put(self, item: SourceTxn | _ReaderFailed | None) -> bool:
+        while True:
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                if self.stop.stopped:
+                    return False
+
+    # -- producer loop ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        s = self.s
+        interval_s = s.commit_interval_ms / 1000.0
+        sink = self.sink
+        encode, key_of, headers_of = codec.encode, codec.message_key, codec.headers
+        ordering = s.ordering
+        batch_started = 0.0
+        pending_events = pending_txns = pending_bytes = 0
+        last_txn: SourceTxn | None = None
+        uncommitted: SourceTxn | None = None  # complete txns in the open Kafka txn or skipped
+        master_id = self._master_server_id
+        try:
+            while True:
+                if self.stop.stopped:
+                    break
+                wait = batch_started + interval_s - time.monotonic() if sink.in_transaction else 0.2
+                item: SourceTxn | _ReaderFailed | None
+                try:
+                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    item = None
+                if isinstance(item, _ReaderFailed):
+                    raise item.exc
+                if item is not None:
+                    txn = item
+                    server_id = master_id
+                    if txn.gtid and "-" in txn.gtid:
+                        server_id = Gtid.parse(txn.gtid).server_id
+                    msgs = self.builder.build(txn, server_id)
+                    if msgs:
+                        if not sink.in_transaction:
+                            sink.begin()
+                            batch_started = time.monotonic()
+                        for m in msgs:
+                            ev = m.event
+                            value = encode(ev)
+                            pending_bytes += len(value)
+                            sink.send(value, key_of(ev, ordering), m.partition, headers_of(ev))
+                        pending_events += len(msgs)
+                        pending_txns += 1
+                    last_txn = txn
+                    uncommitted = txn
+                if sink.in_transaction and (
+                    pending_events >= s.commit_max_events or time.monotonic() - batch_started >= interval_s
+                ):
+                    assert last_txn is not None
+                    self._commit(last_txn, pending_events, pending_txns, pending_bytes)
+                    pending_events = pending_txns = pending_bytes = 0
+                    uncommitted = None
+        except FencedError:
+            self._log.error("fenced_exiting", transactional_id=s.transactional_id)
+            raise
+        # Stop requested: commit what is open (complete source transactions only) with its checkpoint.
+        if sink.in_transaction and last_txn is not None:
+            self._commit(last_txn, pending_events, pending_txns, pending_bytes)
+        elif uncommitted is not None:
+            self._log.info("stop_with_filtered_tail", note="skipped transactions are re-read on restart")
+        self._log.info("capture_stopped", reason=self.stop.reason, checkpoint=self._cp_text())
+
+    def _commit(self, txn: SourceTxn, events: int, txns: int, nbytes: int) -> None:
+        assert self._reader is not None
+        cp = Checkpoint(
+            source=self.s.source,
+            gtid_state=txn.gtid_state,
+            gtid=txn.gtid,
+            file=txn.file,
+            pos=txn.pos,
+            epoch=self.s.epoch,
+            ts_ms=txn.ts_s * 1000,
+            written_ms=int(time.time() * 1000),
+        )
+        latency = self.sink.commit(cp)
+        self.last_checkpoint = cp
+        seq = Gtid.parse(txn.gtid).seq if txn.gtid and "-" in txn.gtid else txn.pos
+        self.metrics.committed(
+            events=events, txns=txns, nbytes=nbytes, latency_s=latency, gtid=txn.gtid, seq=seq, ts_ms=cp.ts_ms
+        )
+
+    def _cp_text(self) -> str:
+        cp = self.last_checkpoint
+        return f"{cp.gtid} {cp.file}:{cp.pos}" if cp else "none"
+
+    # -- health ----------------------------------------------------------------------------------
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        alive = self._reader_thread is not None and self._reader_thread.is_alive()
+        behind = self.metrics.seconds_behind()
+        ok = alive and not self.stop.stopped and (behind != behind or behind < 60)  # NaN = no commit yet
+        return ok, {
+            "source": self.s.source,
+            "reader_alive": alive,
+            "seconds_behind_source": None if behind != behind else round(behind, 3),
+            "checkpoint": self._cp_text(),
+        }
+
+
+def run_daemon(
+    settings: CaptureSettings, *, start: StartMode = "checkpoint", from_gtid: str | None = None
+) -> int:
+    """Process entry point: installs the signal handlers; returns the exit code."""
+    stop = StopToken().install()
+    daemon = CaptureDaemon(settings, start=start, from_gtid=from_gtid, stop=stop)
+    try:
+        daemon.run()
+    except WmbError as exc:
+        _log.error("capture_failed", source=settings.source, error=str(exc), exit_code=int(exc.exit_code))
+        return int(exc.exit_code)
+    return 0

@@ -1,0 +1,255 @@
+"""Complete source transactions -> ChangeEvents, with filtering and masking applied first.
+
+Pure logic (no I/O): :class:`EventBuilder` turns one :class:`binlog_capture.reader.SourceTxn` into
+the ordered list of :class:`OutMessage` to produce.  Excluded tables never get here (the reader
+skips their table maps), excluded columns are dropped and masked columns rewritten before an event
+exists, so nothing filtered can leave the daemon.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from binlog_capture.reader import DdlItem, RowsItem, SourceTxn
+from binlog_capture.settings import CaptureSettings
+from wmb import values
+from wmb.event import ChangeEvent, Op, Position, TxnInfo, Version
+
+SYSTEM_SCHEMAS = frozenset({"mysql", "information_schema", "performance_schema", "sys"})
+MASKED_HASH_TAG = "text:utf8mb4"  # a sha256 hex digest, whatever the column's own type
+
+
+@dataclass(frozen=True, slots=True)
+class OutMessage:
+    """One event and, for heartbeats only, the explicit partition it goes to."""
+
+    event: ChangeEvent
+    partition: int | None = None
+
+
+class TableFilter:
+    """include/exclude ``db.table`` globs; the heartbeat table of this source always passes."""
+
+    def __init__(self, settings: CaptureSettings) -> None:
+        self._include = tuple(settings.include)
+        self._exclude = tuple(settings.exclude)
+        self._hb = (settings.heartbeat_database, settings.heartbeat_table)
+        self._cache: dict[tuple[str, str], bool] = {}
+
+    def __call__(self, db: str, table: str) -> bool:
+        key = (db, table)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._decide(db, table)
+            if len(self._cache) < 100_000:
+                self._cache[key] = hit
+        return hit
+
+    def _decide(self, db: str, table: str) -> bool:
+        if (db, table) == self._hb:
+            return True
+        if db == self._hb[0] or db in SYSTEM_SCHEMAS:
+            return False  # wmb's own bookkeeping schema and the system schemas never replicate
+        name = f"{db}.{table}"
+        if self._include and not any(fnmatch.fnmatchcase(name, g) for g in self._include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, g) for g in self._exclude)
+
+    def database_included(self, db: str) -> bool:
+        """For DDL: the statement's schema could hold an included table."""
+        if db == self._hb[0] or db in SYSTEM_SCHEMAS:
+            return False
+        if self._include and not any(fnmatch.fnmatchcase(db, g.split(".", 1)[0]) for g in self._include):
+            return False
+        # Excluded only when a whole-database exclude (``db.*``) covers it.
+        return not any(g.endswith(".*") and fnmatch.fnmatchcase(db, g[:-2]) for g in self._exclude)
+
+    def only_schemas(self) -> list[str] | None:
+        """Literal databases of the include globs (lets the library skip other schemas), or None."""
+        if not self._include:
+            return None
+        dbs = {g.split(".", 1)[0] for g in self._include}
+        if any(any(ch in d for ch in "*?[") for d in dbs):
+            return None
+        return sorted(dbs | {self._hb[0]})
+
+
+def canonical_bytes(tag: str, value: Any) -> bytes:
+    """What a mask hashes: raw bytes for binary values, UTF-8 for text, else the JSON form."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    return orjson.dumps(values.to_json(tag, value))
+
+
+Norm = Callable[[Any, str | None], Any]
+
+
+@dataclass(slots=True)
+class _TablePlan:
+    """Per table map (cached on the Column list): tags, normalizers, dropped and masked columns."""
+
+    tags: dict[str, str]
+    norms: list[tuple[str, Norm]]
+    masks: dict[str, str]
+    pk_names: list[str]
+
+
+class EventBuilder:
+    def __init__(self, settings: CaptureSettings) -> None:
+        self.s = settings
+        self.filter = TableFilter(settings)
+        self._plans: dict[int, tuple[Sequence[Any], _TablePlan]] = {}
+
+    # -- per table ---------------------------------------------------------------------------------
+    def _plan(self, item: RowsItem) -> _TablePlan:
+        # The table map cache shares one Column list per distinct table map, so its identity is a
+        # cheap key; the stored reference keeps the id from being reused.
+        key = id(item.columns)
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is item.columns:
+            return hit[1]
+        tags_all = values.column_tags(item.columns)
+        prefix = f"{item.schema}.{item.table}."
+        drop = {
+            name
+            for name in tags_all
+            if any(fnmatch.fnmatchcase(prefix + name, g) for g in self.s.exclude_columns)
+        }
+        masks: dict[str, str] = {}
+        kind: str
+        for pattern, kind in self.s.mask_columns.items():
+            for name in tags_all:
+                if name not in drop and fnmatch.fnmatchcase(prefix + name, pattern):
+                    masks[name] = kind
+        tags = {n: t for n, t in tags_all.items() if n not in drop}
+        for name, kind in masks.items():
+            if kind == "hash":
+                tags[name] = MASKED_HASH_TAG
+        norms = [(n, values.normalizer(tags_all[n])) for n in tags]
+        pk = [c.name for c in item.columns if c.is_primary and c.name in tags] or list(tags)
+        plan = _TablePlan(tags, norms, masks, pk)
+        if len(self._plans) > 10_000:
+            self._plans.clear()
+        self._plans[key] = (item.columns, plan)
+        return plan
+
+    def _image(
+        self, plan: _TablePlan, vals: Mapping[str, Any], nones: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        nones = nones or {}
+        for name, norm in plan.norms:
+            v = vals[name]
+            out[name] = norm(v, nones.get(name) if v is None else None)
+        if plan.masks:
+            for name, kind in plan.masks.items():
+                v = out[name]
+                if kind == "null" or v is None:
+                    out[name] = None
+                else:
+                    out[name] = hashlib.sha256(canonical_bytes(plan.tags.get(name, ""), v)).hexdigest()
+        return out
+
+    # -- per transaction ---------------------------------------------------------------------------
+    def build(self, txn: SourceTxn, server_id: int) -> list[OutMessage]:
+        s = self.s
+        pos = Position(gtid=txn.gtid, file=txn.file, pos=txn.pos)
+        seq = _gtid_seq(txn)
+        ts_ms = txn.ts_s * 1000
+        drafts: list[dict[str, Any]] = []
+        heartbeat_ts: int | None = None
+        for item in txn.items:
+            if isinstance(item, DdlItem):
+                if self.filter.database_included(item.schema):
+                    drafts.append(dict(op=Op.DDL, database=item.schema, table="", ddl=item.query))
+                continue
+            if (item.schema, item.table) == (s.heartbeat_database, s.heartbeat_table):
+                for row in item.rows:
+                    img = row.get("after_values") or row.get("values") or {}
+                    if img.get("source") == s.source and img.get("ts_ms") is not None:
+                        heartbeat_ts = int(img["ts_ms"])
+                continue
+            if not self.filter(item.schema, item.table):
+                continue
+            plan = self._plan(item)
+            for row in item.rows:
+                if item.op is Op.UPDATE:
+                    before = self._image(plan, row["before_values"], row.get("before_none_sources"))
+                    after: dict[str, Any] | None = self._image(
+                        plan, row["after_values"], row.get("after_none_sources")
+                    )
+                    key_img = before
+                elif item.op is Op.INSERT:
+                    before, after = None, self._image(plan, row["values"], row.get("none_sources"))
+                    key_img = after
+                else:
+                    before, after = self._image(plan, row["values"], row.get("none_sources")), None
+                    key_img = before
+                drafts.append(
+                    dict(
+                        op=item.op,
+                        database=item.schema,
+                        table=item.table,
+                        pk={n: key_img[n] for n in plan.pk_names},
+                        before=before,
+                        after=after,
+                        columns=plan.tags,
+                    )
+                )
+        out: list[OutMessage] = []
+        n = len(drafts)
+        for i, d in enumerate(drafts):
+            ev = ChangeEvent(
+                source=s.source,
+                origin=s.origin_dc,
+                server_id=server_id,
+                ts_ms=ts_ms,
+                position=pos,
+                txn=TxnInfo(id=txn.txn_id, seq=i, last=i == n - 1),
+                version=Version(s.epoch, seq, i),
+                **d,
+            )
+            out.append(OutMessage(ev))
+        if heartbeat_ts is not None and not out:
+            # One heartbeat per partition so that every partition shows progress.  Each is the
+            # whole transaction as far as its partition is concerned (last=True); seq = partition
+            # keeps the event ids unique.
+            for p in range(self.partitions):
+                out.append(
+                    OutMessage(
+                        ChangeEvent(
+                            source=s.source,
+                            origin=s.origin_dc,
+                            server_id=server_id,
+                            op=Op.HEARTBEAT,
+                            database=s.heartbeat_database,
+                            table=s.heartbeat_table,
+                            ts_ms=heartbeat_ts,
+                            position=pos,
+                            txn=TxnInfo(id=txn.txn_id, seq=p, last=True),
+                            version=Version(s.epoch, seq, p),
+                        ),
+                        partition=p,
+                    )
+                )
+        return out
+
+    partitions: int = 1
+
+
+def _gtid_seq(txn: SourceTxn) -> int:
+    if txn.gtid:
+        tail = txn.gtid.rsplit("-", 1)[-1] if "-" in txn.gtid else txn.gtid.rsplit(":", 1)[-1]
+        try:
+            return int(tail)
+        except ValueError:
+            pass
+    return txn.pos  # without GTIDs the binlog offset still grows within one file

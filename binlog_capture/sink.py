@@ -1,0 +1,255 @@
+"""The Kafka side: one transactional producer per source; events and checkpoint commit together.
+
+``transactional.id`` is derived from the source name, so ``init_transactions`` of a second
+capturer fences the first (its next transactional call raises ``ProducerFencedError`` /
+``InvalidProducerEpochError``, which become :class:`wmb.errors.FencedError`) and aborts whatever
+transaction the previous instance left open.  The checkpoint is read only *after*
+``init_transactions``: until the old transaction is aborted the read_committed end offset (the last
+stable offset) would not move past it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import errors as kerr
+from kafka.admin import NewTopic
+
+from wmb import log
+from wmb.errors import FencedError, WmbError
+
+_log = log.get("binlog_capture.sink")
+
+_FENCED = (kerr.ProducerFencedError, kerr.InvalidProducerEpochError)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where the capture resumes: after the last complete source transaction committed to Kafka."""
+
+    source: str
+    gtid_state: str | None  # MariaDB slave_connect_state (or MySQL GTID set); None without GTIDs
+    gtid: str | None  # the last transaction's GTID
+    file: str
+    pos: int
+    epoch: int
+    ts_ms: int  # commit time of that source transaction
+    written_ms: int
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.__dict__)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Checkpoint:
+        d = orjson.loads(data)
+        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
+
+
+def is_fenced(exc: BaseException) -> bool:
+    """True if ``exc`` (or what it wraps) says another producer took our transactional.id."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 5:
+        if isinstance(cur, _FENCED) or "ProducerFenced" in repr(cur) or "InvalidProducerEpoch" in repr(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return False
+
+
+class KafkaTxnSink:
+    """Transactional producer + checkpoint topic of one source."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        transactional_id: str,
+        changes_topic: str,
+        checkpoint_topic: str,
+        *,
+        partitions: int,
+        source: str,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.transactional_id = transactional_id
+        self.changes_topic = changes_topic
+        self.checkpoint_topic = checkpoint_topic
+        self.partitions = partitions
+        self.source = source
+        self._producer: KafkaProducer | None = None
+        self._in_txn = False
+
+    # -- setup --------------------------------------------------------------------------------------
+    def ensure_topics(self) -> int:
+        """Create missing topics; returns the changes topic's actual partition count."""
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=f"{self.transactional_id}-admin")
+        try:
+            existing = set(admin.list_topics())
+            new: list[NewTopic] = []
+            if self.changes_topic not in existing:
+                new.append(NewTopic(self.changes_topic, self.partitions, 1))
+            if self.checkpoint_topic not in existing:
+                new.append(
+                    NewTopic(
+                        self.checkpoint_topic,
+                        1,
+                        1,
+                        topic_configs={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+                    )
+                )
+            if new:
+                try:
+                    admin.create_topics(new)
+                    _log.info("topics_created", topics=[t.name for t in new])
+                except kerr.TopicAlreadyExistsError:
+                    pass
+            deadline = time.monotonic() + 30
+            while True:
+                meta = admin.describe_topics([self.changes_topic])
+                parts = meta[0].get("partitions") if meta else None
+                if parts:
+                    count = len(parts)
+                    break
+                if time.monotonic() > deadline:
+                    raise WmbError(f"topic {self.changes_topic} has no partitions after create")
+                time.sleep(0.2)
+        finally:
+            admin.close()
+        if count != self.partitions:
+            _log.warning(
+                "partition_count_differs", topic=self.changes_topic, configured=self.partitions, actual=count
+            )
+        self.partitions = count
+        return count
+
+    def start(self) -> None:
+        """Create the producer and claim the transactional.id (fencing any older instance)."""
+        self._producer = KafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            client_id=self.transactional_id,
+            transactional_id=self.transactional_id,
+            enable_idempotence=True,
+            acks="all",
+            compression_type="lz4",
+            linger_ms=5,
+            batch_size=256 * 1024,
+            max_request_size=16 * 1024 * 1024,
+            buffer_memory=256 * 1024 * 1024,
+            max_block_ms=60000,
+            transaction_timeout_ms=60000,
+        )
+        self._call(self._producer.init_transactions)
+        _log.info("transactions_initialized", transactional_id=self.transactional_id)
+
+    def read_checkpoint(self, timeout_s: float = 30.0) -> Checkpoint | None:
+        """The last committed checkpoint record (read_committed), or None if there is none."""
+        consumer = KafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            client_id=f"{self.transactional_id}-checkpoint-reader",
+        )
+        try:
+            tp = TopicPartition(self.checkpoint_topic, 0)
+            consumer.assign([tp])
+            begin = consumer.beginning_offsets([tp])[tp]
+            end = consumer.end_offsets([tp])[tp]  # the last stable offset under read_committed
+            if end <= begin:
+                return None
+            # Each Kafka transaction adds one checkpoint record and one commit marker; look back a
+            # little and widen the window until a committed record shows up.
+            span = 64
+            while True:
+                start = max(begin, end - span)
+                consumer.seek(tp, start)
+                last: bytes | None = None
+                deadline = time.monotonic() + timeout_s
+                while consumer.position(tp) < end:
+                    for rec in consumer.poll(timeout_ms=500).get(tp, []):
+                        if rec.offset < end and rec.value is not None:
+                            last = rec.value
+                    if time.monotonic() > deadline:
+                        raise WmbError(f"timed out reading checkpoint topic {self.checkpoint_topic}")
+                if last is not None:
+                    return Checkpoint.from_bytes(last)
+                if start == begin:
+                    return None
+                span *= 8
+        finally:
+            consumer.close()
+
+    # -- transactions ---------------------------------------------------------------------------------
+    def begin(self) -> None:
+        assert self._producer is not None
+        self._call(self._producer.begin_transaction)
+        self._in_txn = True
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._in_txn
+
+    def send(
+        self,
+        value: bytes,
+        key: bytes | None,
+        partition: int | None,
+        headers: Sequence[tuple[str, bytes]] | None,
+    ) -> None:
+        assert self._producer is not None
+        try:
+            self._producer.send(
+                self.changes_topic,
+                value=value,
+                key=key,
+                partition=partition,
+                headers=list(headers) if headers else None,
+            )
+        except kerr.KafkaError as exc:
+            self._raise(exc)
+
+    def commit(self, checkpoint: Checkpoint) -> float:
+        """Write ``checkpoint`` and commit the transaction; returns the commit latency in seconds."""
+        assert self._producer is not None
+        try:
+            self._producer.send(
+                self.checkpoint_topic, value=checkpoint.to_bytes(), key=self.source.encode(), partition=0
+            )
+        except kerr.KafkaError as exc:
+            self._raise(exc)
+        t0 = time.perf_counter()
+        self._call(self._producer.commit_transaction)
+        self._in_txn = False
+        return time.perf_counter() - t0
+
+    def abort(self) -> None:
+        if self._producer is not None and self._in_txn:
+            self._in_txn = False
+            self._call(self._producer.abort_transaction)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=timeout_s)
+            except kerr.KafkaError as exc:
+                _log.warning("producer_close_failed", error=repr(exc))
+            self._producer = None
+
+    def _call(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except kerr.KafkaError as exc:
+            self._raise(exc)
+
+    def _raise(self, exc: BaseException) -> None:
+        if is_fenced(exc):
+            raise FencedError(
+                f"another capturer took transactional.id {self.transactional_id!r} (this one is fenced): "
+                f"{exc!r}"
+            ) from exc
+        raise exc

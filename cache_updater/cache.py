@@ -1,0 +1,284 @@
+"""Redis side of the cache updater: value rendering, write planning and the Lua version guard.
+
+Redis value format (what an application reads)
+----------------------------------------------
+Every column value is rendered as **text** by :func:`render` (the same function renders the
+master's ``SELECT`` rows in ``wmb verify``, so "equal" means byte-equal):
+
+=====================  ===============================================================
+int / uint / year      decimal digits (``-42``)
+decimal                ``str(Decimal)``, exact, keeps the scale (``12.50``)
+float / double         Python ``repr`` (shortest round-trip; FLOAT is the float32's
+                       shortest round-trip decimal, see ``wmb.values.canonical_float32``)
+text / enum / json     the string itself
+set                    members joined by ``,`` (as MySQL prints them; a Python set is sorted)
+binary / blob / bit    standard base64 (padded) of the exact bytes
+date                   ``YYYY-MM-DD``; datetime/timestamp ``YYYY-MM-DD HH:MM:SS[.ffffff]`` (UTC)
+time                   ``[-]HH:MM:SS[.ffffff]`` (may exceed 24 h)
+NULL                   hash: the field is absent; JSON: ``null``
+=====================  ===============================================================
+
+* ``format: hash`` - a Redis hash ``column -> text`` plus the field ``_v`` (the row version).
+* ``format: json`` - a string holding a JSON object whose **first** member is ``"_v"`` (the guard
+  reads it with GETRANGE, no JSON parsing in Lua), then ``column: text|null``.
+* deleted rows / invalidated keys - the key is absent (a reader sees a miss); the sibling key
+  ``{<key>}:tomb`` holds the version for ``tombstone_ttl_s`` (same cluster slot as ``<key>``).
+
+The version is ``Version.as_score()`` (``epoch.seq.row``, fixed width).  ``guard.lua`` applies a
+write only when its version is strictly newer than max(live ``_v``, tombstone); see that file.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import NoScriptError
+
+from cache_updater.cache_settings import RedisSettings, TableCache
+from wmb import log
+from wmb.event import ChangeEvent, Op
+
+_log = log.get("cache_updater.cache")
+
+# Shipped next to this module (package-data: cache_updater/*.lua).
+GUARD_LUA = (Path(__file__).parent / "guard.lua").read_text(encoding="utf-8")
+VERSION_FIELD = "_v"
+_PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_$]+)\}")
+_HASHTAG = re.compile(r"\{[^{}]+\}")
+
+OP_HASH, OP_JSON, OP_DELETE = "h", "j", "d"
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def render(value: Any) -> str:
+    """The stable text rendering of one exact column value (see the module docstring)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dt.datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return _render_time(value)
+    if isinstance(value, set | frozenset):
+        return ",".join(sorted(render(v) for v in value))
+    return str(value)
+
+
+def _render_time(value: dt.timedelta) -> str:
+    micros = value // dt.timedelta(microseconds=1)
+    sign = "-" if micros < 0 else ""
+    micros = abs(micros)
+    secs, frac = divmod(micros, 1_000_000)
+    hours, rest = divmod(secs, 3600)
+    minutes, seconds = divmod(rest, 60)
+    text = f"{sign}{hours:02d}:{minutes:02d}:{seconds:02d}"
+    return f"{text}.{frac:06d}" if frac else text
+
+
+def rendered_row(row: Mapping[str, Any], columns: Sequence[str] | None) -> dict[str, str | None]:
+    """``column -> text`` (None for NULL) of the cached columns of ``row``."""
+    names = columns if columns is not None else list(row)
+    return {c: (None if row.get(c) is None else render(row[c])) for c in names if c in row}
+
+
+def json_document(version: str, row: Mapping[str, str | None]) -> bytes:
+    """The JSON-mode value: ``{"_v": version, col: text|null ...}`` with ``_v`` first."""
+    return orjson.dumps({VERSION_FIELD: version, **row})
+
+
+def tombstone_key(key: str) -> str:
+    """The sibling key holding a deleted row's version, in the same cluster slot as ``key``.
+
+    ``{user:1}:tomb`` hashes on ``user:1`` like ``user:1`` itself; a key that already carries a
+    hash tag keeps it (``{t}x:1:tomb`` hashes on ``t`` like ``{t}x:1``).
+    """
+    return f"{key}:tomb" if _HASHTAG.search(key) else f"{{{key}}}:tomb"
+
+
+def make_key(table: TableCache, values: Mapping[str, Any]) -> str:
+    """Fill the key template from ``values`` (pk first, then the row); KeyError if a column lacks."""
+
+    def fill(m: re.Match[str]) -> str:
+        v = values[m.group(1)]
+        if v is None:
+            raise KeyError(m.group(1))
+        return render(v)
+
+    return _PLACEHOLDER.sub(fill, table.key)
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning: ChangeEvent -> guarded writes
+
+
+class NoPrimaryKeyError(ValueError):
+    """A row event that cannot be keyed: a poison message for the dead-letter topic."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuardedWrite:
+    """One EVALSHA of the guard: ``args`` are ARGV[3..] after (op, version)."""
+
+    key: str
+    op: str
+    version: str
+    ttl_ms: int
+    args: tuple[bytes | str, ...] = ()
+
+    def argv(self) -> tuple[bytes | str | int, ...]:
+        return (self.op, self.version, self.ttl_ms, *self.args)
+
+
+def plan(event: ChangeEvent, table: TableCache, tombstone_ttl_s: float) -> list[GuardedWrite]:
+    """The guarded writes one row event needs in one cache (empty for a non-row event).
+
+    An UPDATE that changes the key columns deletes the old key (versioned tombstone) and writes the
+    new one, both with the event's version.
+    """
+    if event.op not in (Op.INSERT, Op.UPDATE, Op.DELETE):
+        return []
+    if not event.pk:
+        raise NoPrimaryKeyError(f"{event.database}.{event.table}: row event without a primary key")
+    version = event.version.as_score()
+    tomb_ms = int(tombstone_ttl_s * 1000)
+    after = event.after or {}
+    before = event.before or {}
+    try:
+        key_now = make_key(table, {**(before if event.op == Op.DELETE else after), **event.pk})
+    except KeyError as exc:
+        raise NoPrimaryKeyError(f"{event.database}.{event.table}: key column {exc} missing or NULL") from None
+    key_before: str | None = None
+    if event.op == Op.UPDATE and before:
+        # The envelope's pk is the after image's; the before image names the old key (pk change).
+        try:
+            key_before = make_key(table, before)
+        except KeyError:
+            key_before = None
+    writes: list[GuardedWrite] = []
+    if key_before is not None and key_before != key_now:
+        writes.append(GuardedWrite(key_before, OP_DELETE, version, tomb_ms))
+    if event.op == Op.DELETE or table.mode == "invalidate":
+        writes.append(GuardedWrite(key_now, OP_DELETE, version, tomb_ms))
+        return writes
+    ttl_ms = int(table.ttl_s * 1000) if table.ttl_s else 0
+    row = rendered_row(after, table.columns)
+    if table.format == "json":
+        writes.append(GuardedWrite(key_now, OP_JSON, version, ttl_ms, (json_document(version, row),)))
+    else:
+        pairs: list[str] = []
+        for col, text in row.items():
+            if text is not None:
+                pairs += (col, text)
+        writes.append(GuardedWrite(key_now, OP_HASH, version, ttl_ms, (str(len(pairs) // 2), *pairs)))
+    return writes
+
+
+# --------------------------------------------------------------------------------------------------
+# Redis
+
+
+def connect(settings: RedisSettings, **kw: Any) -> redis.Redis | RedisCluster:
+    """A client from the URL plus ACL user, password and TLS options (``cluster`` -> RedisCluster)."""
+    opts: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 15}
+    if settings.username:
+        opts["username"] = settings.username
+    if settings.password:
+        opts["password"] = settings.password
+    if settings.tls and not settings.url.startswith("rediss://"):
+        opts["ssl"] = True
+    if settings.tls or settings.url.startswith("rediss://"):
+        if settings.tls_ca_file:
+            opts["ssl_ca_certs"] = settings.tls_ca_file
+        if settings.tls_insecure:
+            opts["ssl_cert_reqs"] = "none"
+    opts.update(kw)
+    if settings.cluster:
+        opts.pop("health_check_interval", None)
+        return RedisCluster.from_url(settings.url, **opts)
+    return redis.Redis.from_url(settings.url, **opts)
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    applied: int = 0
+    stale: int = 0
+
+    def add(self, other: ApplyResult) -> None:
+        self.applied += other.applied
+        self.stale += other.stale
+
+
+class RedisCache:
+    """Applies guarded writes in pipelined batches: one EVALSHA per write, ``transaction=False``.
+
+    ``apply`` returns only after Redis answered every write (the durable acknowledgement the
+    consumer waits for before committing offsets).  Connection errors propagate: the caller's I/O
+    edge retries the whole batch, which is safe because every write is idempotent under the guard.
+    """
+
+    def __init__(self, client: redis.Redis | RedisCluster) -> None:
+        self.client = client
+        self.sha: str | None = None
+
+    def load(self) -> str:
+        """SCRIPT LOAD the guard (on every node of a cluster); remembers its SHA."""
+        self.sha = str(self.client.script_load(GUARD_LUA))
+        return self.sha
+
+    def apply(self, writes: Sequence[GuardedWrite]) -> ApplyResult:
+        result = ApplyResult()
+        todo = list(writes)
+        for _ in range(3):
+            if not todo:
+                break
+            if self.sha is None:
+                self.load()
+            retry: list[GuardedWrite] = []
+            for write, answer in zip(todo, self._send(todo), strict=True):
+                if isinstance(answer, NoScriptError):
+                    retry.append(write)  # Redis restarted or SCRIPT FLUSH: reload, resend these
+                elif isinstance(answer, Exception):
+                    raise answer
+                elif int(answer) == 1:
+                    result.applied += 1
+                else:
+                    result.stale += 1
+            if retry:
+                _log.warning("guard_script_reload", writes=len(retry))
+                self.sha = None
+            todo = retry
+        if todo:
+            raise RuntimeError("guard script vanished three times in a row")
+        return result
+
+    def _send(self, writes: Iterable[GuardedWrite]) -> list[Any]:
+        assert self.sha is not None
+        pipe = self.client.pipeline(transaction=False)
+        for w in writes:
+            pipe.evalsha(self.sha, 2, w.key, tombstone_key(w.key), *w.argv())
+        answers: list[Any] = pipe.execute(raise_on_error=False)
+        return answers
