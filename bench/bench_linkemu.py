@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from wmb import log
 from wmb.linkemu import LinkEmulator
 
 MB = 1_000_000
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--delay-ms", type=float, default=20.0)
     ap.add_argument("--pings", type=int, default=200)
     args = ap.parse_args()
+    log.configure("WARNING")
     total = args.mb * MB
 
     print(f"throughput: direct, {args.mb} MB", flush=True)

@@ -107,7 +107,7 @@ class CaptureDaemon:
     # -- connections -----------------------------------------------------------------------------
     def _mysql_settings(self) -> dict[str, Any]:
         s = self.s
-        return dict(host=s.mysql_host, port=s.mysql_port, user=s.mysql_user, passwd=s.mysql_password)
+        return dict(host=s.mysql_host, port=s.mysql_port, user=s.mysql_user, password=s.mysql_password)
 
     def connect(self) -> pymysql.connections.Connection:
         s = self.s

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,46 @@ class TableFilter:
         if any(any(ch in d for ch in "*?[") for d in dbs):
             return None
         return sorted(dbs | {self._hb[0]})
+
+
+_IDENT = r"(?:`((?:[^`]|``)+)`|([A-Za-z0-9_$]+))"
+_DDL_TABLE_RE = re.compile(
+    r"\b(?:TABLE|TABLES|ON|INTO|VIEW)\s+(?:IF\s+(?:NOT\s+)?EXISTS\s+)?"
+    + _IDENT
+    + r"(?:\s*\.\s*"
+    + _IDENT
+    + r")?",
+    re.IGNORECASE,
+)
+_DDL_DB_RE = re.compile(
+    r"^\s*(?:CREATE|ALTER|DROP)\s+(?:DATABASE|SCHEMA)\s+(?:IF\s+(?:NOT\s+)?EXISTS\s+)?" + _IDENT,
+    re.IGNORECASE,
+)
+
+
+def ddl_target(query: str, session_schema: str) -> tuple[str, str]:
+    """``(database, table)`` a DDL statement acts on (first table named); the session's default
+    schema when the statement does not qualify the name.  Best effort: it only picks the partition
+    and the ``table`` field; the statement text travels unchanged."""
+    body = _strip_comments(query)
+    m = _DDL_DB_RE.match(body)
+    if m:
+        return _unquote(m.group(1), m.group(2)), ""
+    m = _DDL_TABLE_RE.search(body)
+    if not m:
+        return session_schema, ""
+    first = _unquote(m.group(1), m.group(2))
+    if m.group(3) or m.group(4):
+        return first, _unquote(m.group(3), m.group(4))
+    return session_schema, first
+
+
+def _unquote(quoted: str | None, bare: str | None) -> str:
+    return quoted.replace("``", "`") if quoted is not None else (bare or "")
+
+
+def _strip_comments(query: str) -> str:
+    return re.sub(r"/\*.*?\*/", " ", query, flags=re.DOTALL)
 
 
 def canonical_bytes(tag: str, value: Any) -> bytes:
@@ -168,8 +209,9 @@ class EventBuilder:
         heartbeat_ts: int | None = None
         for item in txn.items:
             if isinstance(item, DdlItem):
-                if self.filter.database_included(item.schema):
-                    drafts.append(dict(op=Op.DDL, database=item.schema, table="", ddl=item.query))
+                db, table = ddl_target(item.query, item.schema)
+                if self.filter.database_included(db) and (not table or self.filter(db, table)):
+                    drafts.append(dict(op=Op.DDL, database=db, table=table, ddl=item.query))
                 continue
             if (item.schema, item.table) == (s.heartbeat_database, s.heartbeat_table):
                 for row in item.rows:

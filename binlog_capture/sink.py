@@ -129,6 +129,7 @@ class KafkaTxnSink:
 
     def start(self) -> None:
         """Create the producer and claim the transactional.id (fencing any older instance)."""
+        self.close()
         self._producer = KafkaProducer(
             bootstrap_servers=self.bootstrap,
             client_id=self.transactional_id,
@@ -139,7 +140,6 @@ class KafkaTxnSink:
             linger_ms=5,
             batch_size=256 * 1024,
             max_request_size=16 * 1024 * 1024,
-            buffer_memory=256 * 1024 * 1024,
             max_block_ms=60000,
             transaction_timeout_ms=60000,
         )

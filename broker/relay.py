@@ -75,22 +75,24 @@ def _client_id(settings: RelaySettings, role: str) -> str:
 
 def source_consumer(settings: RelaySettings, role: str, group: bool = False, **extra: Any) -> KafkaConsumer:
     """A consumer of the source cluster over the WAN, sized for a long fat pipe."""
-    return KafkaConsumer(
-        bootstrap_servers=settings.src_bootstrap,
-        client_id=_client_id(settings, role),
-        group_id=settings.group_id if group else None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        auto_offset_reset="earliest",
-        fetch_max_bytes=settings.fetch_max_bytes,
-        max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        receive_buffer_bytes=settings.receive_buffer_bytes,
-        request_timeout_ms=settings.request_timeout_ms,
-        max_poll_records=settings.max_poll_records,
-        reconnect_backoff_max_ms=2_000,
-        **extra,
-    )
+    config: dict[str, Any] = {
+        "bootstrap_servers": settings.src_bootstrap,
+        "client_id": _client_id(settings, role),
+        "group_id": settings.group_id if group else None,
+        "enable_auto_commit": False,
+        "isolation_level": "read_committed",
+        "auto_offset_reset": "earliest",
+        "fetch_max_bytes": settings.fetch_max_bytes,
+        "max_partition_fetch_bytes": settings.max_partition_fetch_bytes,
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+        "receive_buffer_bytes": settings.receive_buffer_bytes,
+        "request_timeout_ms": settings.request_timeout_ms,
+        "max_poll_records": settings.max_poll_records,
+        "reconnect_backoff_max_ms": 2_000,
+        "api_version_auto_timeout_ms": settings.probe_timeout_ms,
+    }
+    config.update(extra)
+    return KafkaConsumer(**config)
 
 
 def read_compacted(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[tuple[bytes | None, bytes | None]]:
@@ -197,7 +199,7 @@ class SourceMonitor:
                     "monitor",
                     group=s.commit_group_offsets,
                     request_timeout_ms=s.probe_timeout_ms,
-                    api_version_auto_timeout_ms=s.probe_timeout_ms,
+                    fetch_max_wait_ms=min(s.fetch_max_wait_ms, s.probe_timeout_ms // 2),
                 )
             c = self._consumer
             wanted = sorted(t for t in c.topics() if s.wants_topic(t))
@@ -509,6 +511,8 @@ class Relay:
         self._assigned = set()
 
     def _fetch(self) -> tuple[dict[TopicPartition, list[Any]], dict[TopicPartition, int]] | None:
+        if self.stop.stopped:
+            return None
         if not self._monitor.link_ok():
             view = self._monitor.view()
             if view.ok_at == 0.0 and not view.error:
@@ -540,9 +544,7 @@ class Relay:
             with _local_io("create destination topic"):
                 self._ensure_topic(self.settings.dst_topic(topic), view.partitions[topic])
         if self._consumer is None:
-            self._consumer = source_consumer(
-                self.settings, "fetch", api_version_auto_timeout_ms=self.settings.probe_timeout_ms
-            )
+            self._consumer = source_consumer(self.settings, "fetch")
             self._assigned = set()
             new = wanted
         c = self._consumer

@@ -24,8 +24,8 @@ Design in one screen (details in the modules of :mod:`cache_updater.applier`):
 
 from __future__ import annotations
 
-from cache_updater.applier.marker import DDL_MARKER, is_applier_ddl, is_applier_transaction
 from cache_updater.applier.mariadb import MariaDBReplica, ReplicaUnavailable
+from cache_updater.applier.marker import DDL_MARKER, is_applier_ddl, is_applier_transaction
 from cache_updater.applier.runner import CRASH_ENV, ApplyRunner, ApplyStatus
 from cache_updater.applier.txn import GroupBuffer, SourceTxn, TxnAssembler
 from cache_updater.apply_settings import (

@@ -225,9 +225,9 @@ class CacheDaemon:
 
         class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             def on_partitions_revoked(self, revoked: Any) -> None:
-                # Hand over cleanly: what is complete goes to Redis and is committed; open
-                # transactions are dropped and redelivered to the next owner from the commit.
-                daemon._flush(force=True)
+                # Runs on kafka-python's IO thread, where a blocking commit is refused.  Drop the
+                # unflushed work of these partitions: the next owner gets it again from the last
+                # commit, and the guard turns what we already wrote into no-ops.
                 for tp in revoked:
                     daemon._parts.pop(tp, None)
 
@@ -392,6 +392,13 @@ class CacheDaemon:
                 commits[tp] = txn.next_offset
                 max_ts = max(max_ts, txn.max_ts_ms)
                 st.ready.popleft()
+            if not st.ready and st.open is None and self._consumer is not None:
+                # Drained: commit the fetch position, which also steps over the transaction
+                # markers after the last record (so an idle group shows zero offset lag).
+                with contextlib.suppress(Exception):
+                    position = self._consumer.position(tp)
+                    if position is not None and position > commits.get(tp, -1):
+                        commits[tp] = position
         result = self._apply(writes) if writes else ApplyResult()
         if self._dlq_pending and self._producer is not None:
             self._producer.flush()  # a dead letter is durable before we commit past its record

@@ -173,7 +173,8 @@ def _columns(conn: Any, db: str, table: str) -> tuple[list[str], list[str]]:
     pk_rows = _query(
         conn,
         "SELECT COLUMN_NAME FROM information_schema.STATISTICS "
-        f"WHERE TABLE_SCHEMA={lit(db)} AND TABLE_NAME={lit(table)} AND INDEX_NAME='PRIMARY' ORDER BY SEQ_IN_INDEX",
+        f"WHERE TABLE_SCHEMA={lit(db)} AND TABLE_NAME={lit(table)} AND INDEX_NAME='PRIMARY' "
+        "ORDER BY SEQ_IN_INDEX",
     )
     return cols, [str(r[0]) for r in pk_rows]
 
@@ -203,7 +204,8 @@ def _range(pk: Sequence[str], lo: Sequence[Any] | None, hi: Sequence[Any] | None
 def _checksum(conn: Any, table: str, cols: Sequence[str], where: str) -> tuple[int, int, int]:
     row = _query(
         conn,
-        f"SELECT COUNT(*), COALESCE(BIT_XOR(CAST(CONV(SUBSTRING(MD5({_row_expr(cols)}),1,16),16,10) AS UNSIGNED)),0), "
+        "SELECT COUNT(*), "
+        f"COALESCE(BIT_XOR(CAST(CONV(SUBSTRING(MD5({_row_expr(cols)}),1,16),16,10) AS UNSIGNED)),0), "
         f"COALESCE(SUM(CRC32({_row_expr(cols)})),0) FROM {table}{where}",
     )[0]
     return int(row[0]), int(row[1]), int(row[2])

@@ -9,14 +9,14 @@ to, not native replication).  Session servers are shared: never kill them in a t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 
 from wmb.errors import ServerStartError
-from wmb.servers import KafkaServer, ManagedProcess, MariaDBServer, RedisServer, free_port
+from wmb.servers import KafkaServer, ManagedProcess, MariaDBServer, RedisServer, ServerPool, free_port
 
 S = TypeVar("S", bound=ManagedProcess)
 
@@ -104,50 +104,14 @@ def redis_gz(servers_dir: Path) -> Iterator[RedisServer]:
     yield from _serve(RedisServer(servers_dir / "redis_gz", die_with_parent=True))
 
 
-class ServerFactory:
-    """Private servers for one test (fault tests kill and restart them); all stopped at teardown."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.servers: list[ManagedProcess] = []
-        self._count = 0
-
-    def _dir(self, kind: str) -> Path:
-        self._count += 1
-        return self.root / f"{kind}{self._count}"
-
-    def _make(self, build: Callable[[Path], S], kind: str, start: bool) -> S:
-        server = build(self._dir(kind))
-        self.servers.append(server)
-        return _start(server) if start else server
-
-    def mariadb(self, server_id: int = 101, *, start: bool = True, **kw: Any) -> MariaDBServer:
-        """``MariaDBServer(dir, server_id, **kw)``; kw: port, gtid_domain_id, extra_args, mariadbd_bin ..."""
-        kw.setdefault("die_with_parent", True)
-        return self._make(lambda d: MariaDBServer(d, server_id, **kw), "mariadb", start)
-
-    def kafka(self, wan_advertised_port: int | None = None, *, start: bool = True, **kw: Any) -> KafkaServer:
-        """``KafkaServer(dir, wan_advertised_port, **kw)``; kw: port, libs_dir, jvm_opts ..."""
-        kw.setdefault("die_with_parent", True)
-        return self._make(lambda d: KafkaServer(d, wan_advertised_port, **kw), "kafka", start)
-
-    def redis(self, password: str | None = None, *, start: bool = True, **kw: Any) -> RedisServer:
-        """``RedisServer(dir, password=password, **kw)``; kw: port, redis_bin ..."""
-        kw.setdefault("die_with_parent", True)
-        return self._make(lambda d: RedisServer(d, password=password, **kw), "redis", start)
-
-    def stop_all(self) -> None:
-        for server in reversed(self.servers):
-            try:
-                server.stop()
-            except Exception:
-                server.kill()
-
-
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
-    """``server_factory.mariadb(...)``, ``.kafka(...)``, ``.redis(...)``: private, stopped after the test."""
-    factory = ServerFactory(tmp_path / "servers")
+def server_factory(tmp_path: Path) -> Iterator[ServerPool]:
+    """``server_factory.mariadb(...)``, ``.kafka(...)``, ``.redis(...)``: private, stopped after the test.
+
+    Each returns a started server (``start=False`` for one to start yourself); a failed start raises
+    ServerStartError carrying the server's log tail.
+    """
+    factory = ServerPool(tmp_path / "servers", die_with_parent=True)
     try:
         yield factory
     finally:

@@ -20,15 +20,25 @@ def cli(log_level: str, log_json: bool | None) -> None:
 
 
 def _register() -> None:
-    from wmb.config_cli import config
+    """The shared package's own commands, then each stage's, found through the ``wmb.commands``
+    entry points (pyproject.toml): ``wmb`` depends on no stage, the stages plug into it."""
+    from importlib.metadata import entry_points
 
-    cli.add_command(config)
+    from wmb.config_cli import config
+    from wmb.ops_cli import run, sandbox
+
+    for command in (config, run, sandbox):
+        cli.add_command(command)
+    for entry in entry_points(group="wmb.commands"):
+        cli.add_command(entry.load(), entry.name)
 
 
 def main() -> None:
     _register()
     try:
-        cli(standalone_mode=False)
+        code = cli(standalone_mode=False)
+        if isinstance(code, int):
+            sys.exit(code)
     except click.exceptions.Abort:
         sys.exit(ExitCode.ERROR)
     except click.exceptions.ClickException as exc:

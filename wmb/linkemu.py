@@ -17,9 +17,10 @@ The model, per direction of each proxied connection:
 * **jitter** (``jitter_ms``): a sample uniform in ``[-jitter, +jitter]`` is added to each chunk's
   delay, but ``deliver_at`` never goes below the previous chunk's in that direction, so jitter
   never reorders bytes (TCP does not either; it shows as bunching instead).
-* **bandwidth cap** (``bandwidth_bytes_per_s``): a token bucket per direction at the writer
-  (bucket depth ~10 ms of the rate, at least 16 KiB), applied after the delay line, so sustained
-  throughput is ~the cap and a burst is at most one bucket.  ``None`` = uncapped.
+* **bandwidth cap** (``bandwidth_bytes_per_s``): a token bucket per direction of the link, shared
+  by all its connections (it is one pipe), applied by the writers after the delay line (bucket
+  depth ~10 ms of the rate, at least 16 KiB), so sustained throughput is ~the cap and a burst is
+  at most one bucket.  ``None`` = uncapped.
 * **backpressure**: each direction holds at most ``max_queue_bytes`` in its delay line; past that
   the proxy stops reading the source socket, so a slow receiver slows the sender (as a TCP window
   would) instead of growing memory.  Throughput is bounded by ``max_queue_bytes / delay``
@@ -43,8 +44,8 @@ The model, per direction of each proxied connection:
 Not emulated: packet loss and retransmission (TCP over loopback never loses, and each endpoint's
 kernel still acknowledges locally, so send-side timing differs from a real WAN where the sender
 waits one RTT for ACKs), MTU/segmentation, congestion control and slow start, and the delay of
-FIN/RST themselves (a close or reset is forwarded at once, after the data already queued for a
-close; a reset immediately).
+an RST (a peer's reset is forwarded at once, dropping what was in flight; a FIN does travel
+the delay line behind the data).
 """
 
 from __future__ import annotations
@@ -83,9 +84,6 @@ DEFAULT_MAX_QUEUE_BYTES = 8 * 1024 * 1024
 # The write buffer of each transport above which it reports pause_writing (default is 64 KiB,
 # too small to keep a fast pipe busy).
 _WRITE_HIGH_WATER = 1024 * 1024
-# asyncio rounds its epoll timeout up to the next millisecond, so a sleep overshoots by ~0.5 ms on
-# average; waking up to this much early centres the delivered delay on the setting.
-_TIMER_SLACK_S = 0.0005
 _MIN_BUCKET_BYTES = 16 * 1024
 _BUCKET_SECONDS = 0.010
 
@@ -134,8 +132,6 @@ class _Side(asyncio.Protocol):
         self.can_write.set()
         self.backpressured = False  # our outgoing delay line is full: stop reading this socket
         self.reading = True
-        self.eof_received_flag = False
-        self.eof_sent = False
 
     # asyncio.Protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,7 +147,6 @@ class _Side(asyncio.Protocol):
         self.conn.on_data(self, data)
 
     def eof_received(self) -> bool:
-        self.eof_received_flag = True
         self.conn.on_eof(self)
         return True  # keep the transport half-open: the other direction may still carry data
 
@@ -198,6 +193,7 @@ class _Direction:
         self.queued_bytes = 0
         self.last_deliver_at = 0.0
         self.eof_pending = False
+        self.eof_at = 0.0  # a FIN travels the delay line like data
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.done = False
@@ -235,11 +231,15 @@ class _Direction:
                     continue
                 await link._up_event.wait()  # blackhole: hold everything in the delay line
                 if not self.chunks:
+                    wait_s = self.eof_at - link._loop_time()
+                    if wait_s > 0:
+                        await asyncio.sleep(wait_s)
+                        continue
                     self._send_eof()
                     return
                 wait_s = self.chunks[0][0] - link._loop_time()
-                if wait_s > _TIMER_SLACK_S:
-                    await asyncio.sleep(wait_s - _TIMER_SLACK_S)
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
                     continue  # re-check the gate: a cut may have started while we slept
                 await self.dst.can_write.wait()
                 t = self.dst.transport
@@ -284,7 +284,6 @@ class _Direction:
         t = self.dst.transport
         if t is not None and not t.is_closing() and t.can_write_eof():
             t.write_eof()
-        self.dst.eof_sent = True
 
 
 class _TokenBucket:
@@ -328,6 +327,7 @@ class _Connection:
 
     def on_eof(self, side: _Side) -> None:
         d = self.up if side is self.client else self.down
+        d.eof_at = max(self.link._loop_time() + self.link._delay_s, d.last_deliver_at)
         d.eof_pending = True
         d.wakeup.set()
 

@@ -36,5 +36,9 @@ def configure(level: str = "INFO", json: bool | None = None) -> None:
 
 
 def get(name: str, **context: Any) -> Any:
-    """A bound logger; ``context`` is added to every line (``source=``, ``route=`` ...)."""
-    return structlog.get_logger(name).bind(**context)
+    """A logger; ``context`` is added to every line (``source=``, ``route=`` ...).
+
+    Lazy on purpose: modules create their logger at import time, before :func:`configure` runs, and
+    a ``.bind()`` here would freeze structlog's default (stdout) configuration into it.
+    """
+    return structlog.get_logger(name, logger_name=name, **context)

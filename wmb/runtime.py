@@ -72,9 +72,12 @@ class MetricsServer:
         self,
         port: int,
         health: HealthCheck,
-        host: str = "127.0.0.1",
+        host: str | None = None,
         registry: CollectorRegistry = REGISTRY,
     ) -> None:
+        # Loopback unless told otherwise: in a container Prometheus scrapes from another address,
+        # so docker-compose.yml and the systemd env file set WMB_METRICS_HOST=0.0.0.0.
+        host = host or os.environ.get("WMB_METRICS_HOST") or "127.0.0.1"
         self._health = health
         outer = self
 
@@ -131,8 +134,10 @@ def io_retry(
     if max_attempts is not None:
         bound = stop_after_attempt(max_attempts)
     if max_elapsed_s is not None:
-        bound = bound | stop_after_delay(max_elapsed_s) if bound is not stop_never else stop_after_delay(
-            max_elapsed_s
+        bound = (
+            bound | stop_after_delay(max_elapsed_s)
+            if bound is not stop_never
+            else stop_after_delay(max_elapsed_s)
         )
 
     def before_sleep(state: RetryCallState) -> None:

@@ -177,7 +177,7 @@ def _sandbox_topology(ports: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def _wmb_argv() -> list[str]:
+def wmb_argv() -> list[str]:
     return [sys.executable, "-m", "wmb.cli"]
 
 
@@ -186,7 +186,9 @@ def _grant(server: MariaDBServer, password: str, replica: bool) -> None:
     try:
         with conn.cursor() as cur:
             for host in ("127.0.0.1", "localhost"):
-                cur.execute(f"CREATE USER IF NOT EXISTS '{MYSQL_USER}'@'{host}' IDENTIFIED BY %s", (password,))
+                cur.execute(
+                    f"CREATE USER IF NOT EXISTS '{MYSQL_USER}'@'{host}' IDENTIFIED BY %s", (password,)
+                )
                 if replica:
                     # The applier writes every replicated table and its own state tables.
                     cur.execute(f"GRANT ALL PRIVILEGES ON *.* TO '{MYSQL_USER}'@'{host}'")
@@ -198,14 +200,14 @@ def _grant(server: MariaDBServer, password: str, replica: bool) -> None:
                         f"TO '{MYSQL_USER}'@'{host}'"
                     )
                     cur.execute("CREATE DATABASE IF NOT EXISTS wmb")
-                    cur.execute(
-                        "GRANT INSERT, UPDATE, DELETE, CREATE ON wmb.* " f"TO '{MYSQL_USER}'@'{host}'"
-                    )
+                    cur.execute(f"GRANT INSERT, UPDATE, DELETE, CREATE ON wmb.* TO '{MYSQL_USER}'@'{host}'")
     finally:
         conn.close()
 
 
-def _spawn_detached(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def _spawn_detached(
+    argv: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as out:
         return subprocess.Popen(
@@ -288,25 +290,23 @@ class Sandbox:
     def up(self, progress: Any = print) -> dict[str, Any]:
         """Start every server and daemon (idempotent: a running sandbox is left as it is)."""
         if self.exists:
-            state = self.load_state()
-            if all(_pid_alive(p["pid"]) for p in state["processes"].values()):
+            previous = self.load_state()
+            if all(_pid_alive(p["pid"]) for p in previous["processes"].values()):
                 progress(f"sandbox already up at {self.paths.root}")
-                return state
+                return previous
             progress("sandbox state found but some processes are gone: taking it down and starting anew")
             self.down(progress)
         root = self.paths.root
         root.mkdir(parents=True, exist_ok=True)
         began = time.monotonic()
         password = os.environ.get(MYSQL_PASSWORD_ENV, MYSQL_PASSWORD_DEFAULT)
+        # Every daemon of a dc takes metrics port base+1.. base+N: keep a block clear above each base.
         ports = {
             "link": free_port(),
             "link_control": free_port(),
-            "bj_metrics": free_port(),
-            "gz_metrics": free_port(),
+            "bj_metrics": _free_block(8),
+            "gz_metrics": _free_block(8),
         }
-        # Every daemon of a dc takes base+1.. base+N: keep a small block clear above the bases.
-        ports["bj_metrics"] = _free_block(8)
-        ports["gz_metrics"] = _free_block(8)
         state: dict[str, Any] = {"root": str(root), "ports": ports, "processes": {}, "servers": {}}
 
         def record(name: str, pid: int | None, **endpoint: Any) -> None:
@@ -365,9 +365,7 @@ class Sandbox:
                 ],
                 self.paths.logs / "link.log",
             )
-            record(
-                "link", link.pid, host="127.0.0.1", port=ports["link"], control_port=ports["link_control"]
-            )
+            record("link", link.pid, host="127.0.0.1", port=ports["link"], control_port=ports["link_control"])
             _wait_port(ports["link"], "link emulator", self.paths.logs / "link.log")
 
             self.paths.topology.write_text(
@@ -379,7 +377,7 @@ class Sandbox:
             progress("starting the daemons: wmb run --dc bj, wmb run --dc gz ...")
             for dc in ("bj", "gz"):
                 proc = _spawn_detached(
-                    [*_wmb_argv(), "--log-json", "run", "--dc", dc, "--topology", str(self.paths.topology)],
+                    [*wmb_argv(), "--log-json", "run", "--dc", dc, "--topology", str(self.paths.topology)],
                     self.paths.logs / f"run-{dc}.log",
                 )
                 record(f"run-{dc}", proc.pid, metrics_port=ports[f"{dc}_metrics"])
@@ -517,10 +515,12 @@ class SocialWorkload:
         self._rate = rate_per_s
         self._rng = random.Random(seed)
         with self._conn.cursor() as cur:
-            cur.execute("SELECT COALESCE(MAX(id), 0) FROM app.users")
-            self._next_user = int(cur.fetchone()[0]) + 1
-            cur.execute("SELECT COALESCE(MAX(id), 0) FROM app.posts")
-            self._next_post = int(cur.fetchone()[0]) + 1
+            cur.execute(
+                "SELECT (SELECT COALESCE(MAX(id), 0) FROM app.users), "
+                "(SELECT COALESCE(MAX(id), 0) FROM app.posts)"
+            )
+            max_user, max_post = cur.fetchone() or (0, 0)
+            self._next_user, self._next_post = int(max_user) + 1, int(max_post) + 1
         self.stats = WorkloadStats()
 
     def _one(self) -> None:
@@ -553,9 +553,7 @@ class SocialWorkload:
                 self.stats.rows += cur.execute("UPDATE app.posts SET likes = likes + 1 WHERE id = %s", (hot,))
             elif choice < 0.85:
                 a, b = rng.randint(1, users), rng.randint(1, users)
-                if a != b and cur.execute(
-                    f"INSERT IGNORE INTO app.follows VALUES (%s, %s, {now})", (a, b)
-                ):
+                if a != b and cur.execute(f"INSERT IGNORE INTO app.follows VALUES (%s, %s, {now})", (a, b)):
                     cur.execute("UPDATE app.counters SET following = following + 1 WHERE user_id = %s", (a,))
                     cur.execute("UPDATE app.counters SET followers = followers + 1 WHERE user_id = %s", (b,))
                     self.stats.rows += 3

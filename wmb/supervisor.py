@@ -129,9 +129,7 @@ class Supervisor:
             out.close()
         child.started_at = time.monotonic()
         UP.labels(child.spec.name).set(1)
-        _log.info(
-            "daemon_started", daemon=child.spec.name, pid=child.proc.pid, port=child.spec.metrics_port
-        )
+        _log.info("daemon_started", daemon=child.spec.name, pid=child.proc.pid, port=child.spec.metrics_port)
 
     def _reap(self, child: _Child, now: float) -> None:
         assert child.proc is not None

@@ -25,6 +25,7 @@ cascade), ``unique_checks=1`` (we need duplicates reported) and READ COMMITTED (
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,10 +35,10 @@ import orjson
 import pymysql
 from pymysql.constants import CLIENT
 
-from cache_updater.apply_settings import ApplySettings, ConflictPolicy, DdlPolicy
 from cache_updater.applier import sql
 from cache_updater.applier.marker import CONFLICTS_TABLE, MARKER_TABLE, STATE_TABLE, mark_ddl
 from cache_updater.applier.txn import SourceTxn, next_offsets
+from cache_updater.apply_settings import ApplySettings, ConflictPolicy, DdlPolicy
 from wmb import log
 from wmb.errors import HaltedError
 from wmb.event import ChangeEvent, Op
@@ -190,10 +191,8 @@ class MariaDBReplica:
 
     def close(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a dead socket may fail in many ways
                 self._conn.close()
-            except Exception:  # noqa: BLE001 - closing a dead socket may fail in many ways
-                pass
             self._conn = None
 
     @property
@@ -206,7 +205,7 @@ class MariaDBReplica:
         if self._conn is not None:
             try:
                 self._conn.rollback()
-            except Exception:  # noqa: BLE001 - the connection is being replaced anyway
+            except Exception:
                 self.close()
 
     def _exec(self, cur: Any, stmt: str) -> int:
@@ -305,8 +304,10 @@ class MariaDBReplica:
                 # The loop marker comes first: a capturer sees it before any row of the transaction.
                 self._exec(
                     cur,
-                    f"INSERT INTO {self._schema}.{MARKER_TABLE} (applier, txn_count, last_gtid, updated_at) "
-                    f"VALUES ({sql.lit(self.settings.dc)}, {len(txns)}, {sql.lit(last_gtid)}, UTC_TIMESTAMP(6)) "
+                    f"INSERT INTO {self._schema}.{MARKER_TABLE} "
+                    "(applier, txn_count, last_gtid, updated_at) "
+                    f"VALUES ({sql.lit(self.settings.dc)}, {len(txns)}, {sql.lit(last_gtid)}, "
+                    "UTC_TIMESTAMP(6)) "
                     "ON DUPLICATE KEY UPDATE txn_count=txn_count+VALUES(txn_count), "
                     "last_gtid=VALUES(last_gtid), updated_at=VALUES(updated_at)",
                 )
@@ -474,14 +475,14 @@ class MariaDBReplica:
         new_pk = {c: after[c] for c in ev.pk}
         if old_pk != new_pk:
             # PK change: delete the old key, then insert the new row (a replay finds it there).
-            if self._exec(cur, sql.delete_by_pk(ev.database, ev.table, old_pk)) == 0:
-                if not self._missing(cur, txn, ev, policy, stats, "update_missing"):
-                    return
+            deleted = self._exec(cur, sql.delete_by_pk(ev.database, ev.table, old_pk))
+            if deleted == 0 and not self._missing(cur, txn, ev, policy, stats, "update_missing"):
+                return
             self._insert(cur, txn, ev, meta, policy, stats)
             return
-        if self._update_existing(cur, txn, ev, meta, policy, stats, after, new_pk) == 0:
-            if self._missing(cur, txn, ev, policy, stats, "update_missing"):
-                self._insert(cur, txn, ev, meta, policy, stats)
+        matched = self._update_existing(cur, txn, ev, meta, policy, stats, after, new_pk)
+        if matched == 0 and self._missing(cur, txn, ev, policy, stats, "update_missing"):
+            self._insert(cur, txn, ev, meta, policy, stats)
 
     def _delete(
         self, cur: Any, txn: SourceTxn, ev: ChangeEvent, policy: ConflictPolicy, stats: GroupStats

@@ -20,9 +20,9 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge
 
-from cache_updater.apply_settings import ApplySettings
 from cache_updater.applier.mariadb import GroupStats, MariaDBReplica, ReplicaUnavailable, is_transient
 from cache_updater.applier.txn import GroupBuffer, SourceTxn, TxnAssembler
+from cache_updater.apply_settings import ApplySettings
 from wmb import codec, log
 from wmb.errors import DecodeError, GaveUpError
 from wmb.event import ChangeEvent
@@ -287,4 +287,4 @@ class ApplyRunner:
             _log.warning("offset_commit_failed", error=str(exc))
 
 
-__all__ = ["ApplyRunner", "ApplyStatus", "CRASH_ENV", "is_transient"]
+__all__ = ["CRASH_ENV", "ApplyRunner", "ApplyStatus", "is_transient"]

@@ -156,7 +156,7 @@ class SqlChangeSource:
                         f"INSERT INTO {qtable(db, table)} ({','.join(qident(c) for c in row)}) "
                         f"VALUES ({','.join(v.sql if isinstance(v, Raw) else lit(v) for v in row.values())})"
                     )
-                    pk = {c: row[c] if c in row else cur.lastrowid for c in info.pk}
+                    pk = {c: row.get(c, cur.lastrowid) for c in info.pk}
                     after = self._read(cur, db, table, pk)
                     assert after is not None
                     pending.append((Op.INSERT, db, table, {c: after[c] for c in info.pk}, None, after))
@@ -277,7 +277,9 @@ def synthetic_insert_txn(
     return out
 
 
-def wait_until(predicate: Any, timeout_s: float = 120.0, interval_s: float = 0.2, what: str = "condition") -> None:
+def wait_until(
+    predicate: Any, timeout_s: float = 120.0, interval_s: float = 0.2, what: str = "condition"
+) -> None:
     """Poll ``predicate`` until truthy; AssertionError naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -309,7 +311,9 @@ datacenters:
   bj:
     kafka: {{bootstrap: "{kafka_bootstrap}"}}
     mysql:
-      master: {{host: {master.host}, port: {master.port}, user: {master.user}, password: "{master.password}", server_id: 1}}
+      master:
+        {{host: {master.host}, port: {master.port}, user: {master.user}, password: "{master.password}",
+          server_id: 1}}
   gz:
     kafka: {{bootstrap: "{kafka_bootstrap}"}}
     mysql:

@@ -61,7 +61,9 @@ def caught_up(replica: MariaDBServer, settings: ApplySettings, kafka: KafkaServe
     if not _has_state(replica):
         return False
     rows = replica.query(
-        "SELECT kafka_partition, next_offset FROM wmb.wmb_apply_state WHERE source=%s AND topic=%s", source, topic
+        "SELECT kafka_partition, next_offset FROM wmb.wmb_apply_state WHERE source=%s AND topic=%s",
+        source,
+        topic,
     )
     have = {int(p): int(o) for p, o in rows}
     return all(have.get(p, 0) >= o for p, o in end_offsets(kafka, topic).items() if o > 0)
@@ -80,7 +82,7 @@ class Running:
     def _run(self) -> None:
         try:
             self.runner.run()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:
             self.error = exc
 
     def stop(self) -> None:
@@ -96,18 +98,23 @@ def producer(kafka_gz: KafkaServer) -> Iterator[KafkaProducer]:
     p.close()
 
 
-def fresh(master: MariaDBServer, replica: MariaDBServer, kafka: KafkaServer, source: str, db: str, parts: int = 1) -> None:
+def fresh(
+    master: MariaDBServer, replica: MariaDBServer, kafka: KafkaServer, source: str, db: str, parts: int = 1
+) -> None:
     for server in (master, replica):
         server.execute(f"DROP DATABASE IF EXISTS `{db}`")
         server.execute("CREATE DATABASE IF NOT EXISTS wmb")
-        server.execute("DELETE FROM wmb.wmb_apply_state WHERE source=%s", source) if _has_state(server) else None
+        server.execute("DELETE FROM wmb.wmb_apply_state WHERE source=%s", source) if _has_state(
+            server
+        ) else None
     kafka.create_topic(f"wmb.{source}.changes", partitions=parts, exist_ok=True)
 
 
 def _has_state(server: MariaDBServer) -> bool:
     return bool(
         server.query(
-            "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA='wmb' AND TABLE_NAME='wmb_apply_state'"
+            "SELECT 1 FROM information_schema.TABLES "
+            "WHERE TABLE_SCHEMA='wmb' AND TABLE_NAME='wmb_apply_state'"
         )
     )
 
@@ -125,31 +132,80 @@ ALL_TYPES_DDL = """CREATE TABLE alltypes (
 
 ALL_TYPES_ROWS: list[dict[str, Any]] = [
     {
-        "id": 1, "ti": -128, "tiu": 255, "si": -32768, "siu": 65535, "mi": -8388608, "miu": 16777215,
-        "i": -2147483648, "iu": 4294967295, "bi": -9223372036854775808, "biu": 18446744073709551615,
+        "id": 1,
+        "ti": -128,
+        "tiu": 255,
+        "si": -32768,
+        "siu": 65535,
+        "mi": -8388608,
+        "miu": 16777215,
+        "i": -2147483648,
+        "iu": 4294967295,
+        "bi": -9223372036854775808,
+        "biu": 18446744073709551615,
         "d": Decimal("-99999999999999999999999999999999999.999999999999999999999999999999"),
-        "f": 3.14159, "dbl": 2.2250738585072014e-308, "b1": b"\x01", "b64": b"\xff" * 8,
-        "u": "emoji \U0001f600 ünï", "l": "caf\u00e9 \u00bf", "bn": b"\x00\x01\x00\x00", "vb": b"\x00",
-        "bl": b"\x00\xff\x00'\\", "j": '{"a": [1, 2.5, "x"], "b": null}', "dd": dt.date(1000, 1, 1),
-        "dtm": dt.datetime(9999, 12, 31, 23, 59, 59, 999999), "ts": dt.datetime(2038, 1, 19, 3, 14, 7, 999999),
-        "tm": -dt.timedelta(hours=838, minutes=59, seconds=58, microseconds=999999), "y": 2155, "e": "c",
-        "s": "x,z", "g": Raw("ST_GeomFromText('POLYGON((0 0,1 0,1 1,0 0))')"), "t": "line\nbreak\ttab",
+        "f": 3.14159,
+        "dbl": 2.2250738585072014e-308,
+        "b1": b"\x01",
+        "b64": b"\xff" * 8,
+        "u": "emoji \U0001f600 ünï",
+        "l": "caf\u00e9 \u00bf",
+        "bn": b"\x00\x01\x00\x00",
+        "vb": b"\x00",
+        "bl": b"\x00\xff\x00'\\",
+        "j": '{"a": [1, 2.5, "x"], "b": null}',
+        "dd": dt.date(1000, 1, 1),
+        "dtm": dt.datetime(9999, 12, 31, 23, 59, 59, 999999),
+        "ts": dt.datetime(2038, 1, 19, 3, 14, 7, 999999),
+        "tm": -dt.timedelta(hours=838, minutes=59, seconds=58, microseconds=999999),
+        "y": 2155,
+        "e": "c",
+        "s": "x,z",
+        "g": Raw("ST_GeomFromText('POLYGON((0 0,1 0,1 1,0 0))')"),
+        "t": "line\nbreak\ttab",
     },
     {
-        "id": 2, "ti": 127, "tiu": 0, "si": 32767, "siu": 0, "mi": 8388607, "miu": 0, "i": 2147483647,
-        "iu": 0, "bi": 9223372036854775807, "biu": 0,
-        "d": Decimal("0.000000000000000000000000000001"), "f": -1.17549435e-38, "dbl": -1.7976931348623157e308,
-        "b1": b"\x00", "b64": b"\x00" * 8, "u": "", "l": "", "bn": b"", "vb": b"", "bl": b"", "j": "[]",
-        "dd": dt.date(2024, 2, 29), "dtm": dt.datetime(1000, 1, 1, 0, 0, 0), "ts": dt.datetime(1970, 1, 1, 0, 0, 1),
-        "tm": dt.timedelta(hours=838, minutes=59, seconds=59), "y": 1901, "e": "a", "s": "",
-        "g": Raw("ST_GeomFromText('POINT(1.5 -2.25)')"), "t": "",
+        "id": 2,
+        "ti": 127,
+        "tiu": 0,
+        "si": 32767,
+        "siu": 0,
+        "mi": 8388607,
+        "miu": 0,
+        "i": 2147483647,
+        "iu": 0,
+        "bi": 9223372036854775807,
+        "biu": 0,
+        "d": Decimal("0.000000000000000000000000000001"),
+        "f": -1.17549435e-38,
+        "dbl": -1.7976931348623157e308,
+        "b1": b"\x00",
+        "b64": b"\x00" * 8,
+        "u": "",
+        "l": "",
+        "bn": b"",
+        "vb": b"",
+        "bl": b"",
+        "j": "[]",
+        "dd": dt.date(2024, 2, 29),
+        "dtm": dt.datetime(1000, 1, 1, 0, 0, 0),
+        "ts": dt.datetime(1970, 1, 1, 0, 0, 1),
+        "tm": dt.timedelta(hours=838, minutes=59, seconds=59),
+        "y": 1901,
+        "e": "a",
+        "s": "",
+        "g": Raw("ST_GeomFromText('POINT(1.5 -2.25)')"),
+        "t": "",
     },
     {"id": 3},  # every other column NULL
 ]
 
 
 def test_all_types_exact_and_ddl_in_order(
-    mariadb_master: MariaDBServer, mariadb_replica: MariaDBServer, kafka_gz: KafkaServer, producer: KafkaProducer
+    mariadb_master: MariaDBServer,
+    mariadb_replica: MariaDBServer,
+    kafka_gz: KafkaServer,
+    producer: KafkaProducer,
 ) -> None:
     source, db = "aptypes", "apply_types"
     fresh(mariadb_master, mariadb_replica, kafka_gz, source, db)
@@ -161,14 +217,24 @@ def test_all_types_exact_and_ddl_in_order(
     produce(producer, topic, sim.ddl(db, ALL_TYPES_DDL))
     for row in ALL_TYPES_ROWS:
         produce(producer, topic, sim.txn([("insert", db, "alltypes", row)]))
-    produce(producer, topic, sim.txn([("update", db, "alltypes", {"id": 2}, {"u": "changed \U0001f680", "f": 0.1})]))
+    produce(
+        producer,
+        topic,
+        sim.txn([("update", db, "alltypes", {"id": 2}, {"u": "changed \U0001f680", "f": 0.1})]),
+    )
     produce(producer, topic, sim.ddl(db, "ALTER TABLE alltypes ADD COLUMN extra INT NULL DEFAULT 7"))
-    produce(producer, topic, sim.txn([("update", db, "alltypes", {"id": 3}, {"extra": 8, "b64": b"\x80" + b"\x00" * 7})]))
+    produce(
+        producer,
+        topic,
+        sim.txn([("update", db, "alltypes", {"id": 3}, {"extra": 8, "b64": b"\x80" + b"\x00" * 7})]),
+    )
     producer.flush()
 
     running = Running(settings)
     try:
-        wait_until(lambda: caught_up(mariadb_replica, settings, kafka_gz) or running.error, what="apply caught up")
+        wait_until(
+            lambda: caught_up(mariadb_replica, settings, kafka_gz) or running.error, what="apply caught up"
+        )
     finally:
         running.stop()
     assert running.error is None, running.error
@@ -181,7 +247,10 @@ def test_all_types_exact_and_ddl_in_order(
 
 
 def test_mixed_workload_group_commit_marker_and_pk_change(
-    mariadb_master: MariaDBServer, mariadb_replica: MariaDBServer, kafka_gz: KafkaServer, producer: KafkaProducer
+    mariadb_master: MariaDBServer,
+    mariadb_replica: MariaDBServer,
+    kafka_gz: KafkaServer,
+    producer: KafkaProducer,
 ) -> None:
     source, db = "apmixed", "apply_mixed"
     fresh(mariadb_master, mariadb_replica, kafka_gz, source, db, parts=2)
@@ -191,10 +260,20 @@ def test_mixed_workload_group_commit_marker_and_pk_change(
     produce(producer, topic, sim.ddl("", f"CREATE DATABASE {db}"), partition=0)
     produce(producer, topic, sim.ddl("", f"CREATE DATABASE {db}b"), partition=1)
     for d, part in ((db, 0), (db + "b", 1)):
-        produce(producer, topic, sim.ddl(d, "CREATE TABLE kv (id INT PRIMARY KEY, v VARCHAR(20), n INT NOT NULL)"), part)
         produce(
-            producer, topic,
-            sim.ddl(d, "CREATE TABLE acct (id INT PRIMARY KEY, email VARCHAR(40) NOT NULL UNIQUE, bal DECIMAL(12,2))"),
+            producer,
+            topic,
+            sim.ddl(d, "CREATE TABLE kv (id INT PRIMARY KEY, v VARCHAR(20), n INT NOT NULL)"),
+            part,
+        )
+        produce(
+            producer,
+            topic,
+            sim.ddl(
+                d,
+                "CREATE TABLE acct (id INT PRIMARY KEY, email VARCHAR(40) NOT NULL UNIQUE, "
+                "bal DECIMAL(12,2))",
+            ),
             part,
         )
     dml = 0
@@ -218,13 +297,17 @@ def test_mixed_workload_group_commit_marker_and_pk_change(
     produce(producer, topic, sim.txn([("insert", db, "acct", {"id": 999, "email": "u3@x", "bal": None})]), 0)
     dml += 2
     producer.flush()
-    before = mariadb_replica.query("SELECT COALESCE(SUM(txn_count),0) FROM wmb.wmb_apply_marker") if _has_state(
-        mariadb_replica
-    ) else [(0,)]
+    before = (
+        mariadb_replica.query("SELECT COALESCE(SUM(txn_count),0) FROM wmb.wmb_apply_marker")
+        if _has_state(mariadb_replica)
+        else [(0,)]
+    )
 
     running = Running(settings)
     try:
-        wait_until(lambda: caught_up(mariadb_replica, settings, kafka_gz) or running.error, what="apply caught up")
+        wait_until(
+            lambda: caught_up(mariadb_replica, settings, kafka_gz) or running.error, what="apply caught up"
+        )
     finally:
         running.stop()
     assert running.error is None, running.error
@@ -239,7 +322,10 @@ def test_mixed_workload_group_commit_marker_and_pk_change(
 
 
 def test_conflict_policies(
-    mariadb_master: MariaDBServer, mariadb_replica: MariaDBServer, kafka_gz: KafkaServer, producer: KafkaProducer
+    mariadb_master: MariaDBServer,
+    mariadb_replica: MariaDBServer,
+    kafka_gz: KafkaServer,
+    producer: KafkaProducer,
 ) -> None:
     source, db = "apconf", "apply_conf"
     fresh(mariadb_master, mariadb_replica, kafka_gz, source, db)
@@ -247,8 +333,16 @@ def test_conflict_policies(
     topic = f"wmb.{source}.changes"
     produce(producer, topic, sim.ddl("", f"CREATE DATABASE {db}"))
     for t in ("h", "s", "o"):
-        produce(producer, topic, sim.ddl(db, f"CREATE TABLE {t} (id INT PRIMARY KEY, u VARCHAR(10) UNIQUE, v INT)"))
-        produce(producer, topic, sim.txn([("insert", db, t, {"id": i, "u": f"u{i}", "v": i}) for i in range(1, 4)]))
+        produce(
+            producer,
+            topic,
+            sim.ddl(db, f"CREATE TABLE {t} (id INT PRIMARY KEY, u VARCHAR(10) UNIQUE, v INT)"),
+        )
+        produce(
+            producer,
+            topic,
+            sim.txn([("insert", db, t, {"id": i, "u": f"u{i}", "v": i}) for i in range(1, 4)]),
+        )
     producer.flush()
     per = {f"{db}.s": ConflictPolicy.SKIP, f"{db}.o": ConflictPolicy.OVERWRITE}
     settings = settings_for(source, mariadb_master, mariadb_replica, kafka_gz, conflict_per_table=per)
@@ -263,11 +357,15 @@ def test_conflict_policies(
         mariadb_replica.execute(f"INSERT INTO {db}.{t} VALUES (50, 'new', 0)")
     for t in ("s", "o"):
         produce(producer, topic, sim.txn([("update", db, t, {"id": 1}, {"v": 100})]))  # update_missing
-        produce(producer, topic, sim.txn([("insert", db, t, {"id": 9, "u": "new", "v": 9})]))  # duplicate_unique
+        produce(
+            producer, topic, sim.txn([("insert", db, t, {"id": 9, "u": "new", "v": 9})])
+        )  # duplicate_unique
         produce(producer, topic, sim.txn([("delete", db, t, {"id": 1})]))  # delete_missing
     producer.flush()
     running = Running(settings)
-    wait_until(lambda: caught_up(mariadb_replica, settings, kafka_gz) or running.error, what="conflicts applied")
+    wait_until(
+        lambda: caught_up(mariadb_replica, settings, kafka_gz) or running.error, what="conflicts applied"
+    )
     running.stop()
     assert running.error is None, running.error
     kinds = mariadb_replica.query(

@@ -180,7 +180,7 @@ def group_caught_up(kafka: KafkaServer, group: str, topic: str) -> bool:
     admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap)
     consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap)
     try:
-        committed = admin.list_consumer_group_offsets(group)
+        committed = admin.list_group_offsets(group).get(group, {})
         tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         ends = consumer.end_offsets(tps)
         return all(tp in committed and committed[tp].offset >= ends[tp] for tp in tps)

@@ -6,27 +6,32 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 import redis.exceptions
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from wmb.errors import ServerStartError
-from wmb.servers import KafkaServer, MariaDBServer, RedisServer, free_port, port_open
-
-if TYPE_CHECKING:
-    from tests.conftest import ServerFactory
+from wmb.servers import KafkaServer, MariaDBServer, RedisServer, ServerPool, free_port, port_open
 
 pytestmark = pytest.mark.integration
 
 
 def wait_until(cond: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
+    """Poll ``cond`` until true; errors count as "not yet" (a restarted broker answers late)."""
     deadline = time.monotonic() + timeout_s
-    while not cond():
+    last_error: Exception | None = None
+    while True:
+        try:
+            if cond():
+                return
+        except Exception as exc:
+            last_error = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+            raise AssertionError(f"timed out waiting for {what} (last error: {last_error!r})")
+        time.sleep(0.2)
 
 
 def _seq(gtid_pos: str) -> int:
@@ -99,7 +104,11 @@ def check_kafka(kafka: KafkaServer) -> None:
         producer.commit_transaction()
     finally:
         producer.close()
-    assert _read_all(kafka, topic, "read_committed") == [b"committed-1", b"committed-2", b"committed-3"]
+    # commit_transaction() returns once the coordinator logged the commit; the markers that move the
+    # last stable offset land just after, so wait for them instead of reading once.
+    committed = [b"committed-1", b"committed-2", b"committed-3"]
+    wait_until(lambda: len(_read_all(kafka, topic, "read_committed")) >= 3, what="committed records")
+    assert _read_all(kafka, topic, "read_committed") == committed
     # read_uncommitted sees the aborted record: proof it was written and then hidden by the abort.
     assert b"aborted" in _read_all(kafka, topic, "read_uncommitted")
 
@@ -145,7 +154,7 @@ def test_all_servers_side_by_side(
     assert redis_gz.client().get(key) == b"gz"
 
 
-def test_mariadb_restart_keeps_data(server_factory: ServerFactory) -> None:
+def test_mariadb_restart_keeps_data(server_factory: ServerPool) -> None:
     db = server_factory.mariadb(server_id=7, gtid_domain_id=3)
     port, pid = db.port, db.pid
     db.execute("CREATE DATABASE d")
@@ -168,7 +177,7 @@ def test_mariadb_restart_keeps_data(server_factory: ServerFactory) -> None:
     assert int(db.gtid_binlog_pos().split("-")[2]) > int(pos.split("-")[2])
 
 
-def test_kafka_kill_and_restart_keeps_committed_records(server_factory: ServerFactory) -> None:
+def test_kafka_kill_and_restart_keeps_committed_records(server_factory: ServerPool) -> None:
     kafka = server_factory.kafka()
     port = kafka.port
     kafka.create_topic("keep", partitions=1, compacted=True)
@@ -183,15 +192,17 @@ def test_kafka_kill_and_restart_keeps_committed_records(server_factory: ServerFa
     kafka.start()
     assert kafka.port == port
     wait_until(lambda: "keep" in kafka.list_topics(), what="topic after restart")
-    assert _read_all(kafka, "keep", "read_committed") == [b"1"]
+    # The commit markers may not have been written before the kill: the restarted transaction
+    # coordinator completes the commit, and only then does the record become visible.
+    wait_until(lambda: _read_all(kafka, "keep", "read_committed") == [b"1"], what="committed record")
 
 
-def test_redis_password(server_factory: ServerFactory) -> None:
+def test_redis_password(server_factory: ServerPool) -> None:
     server = server_factory.redis(password="s3cret")
     assert server.url == f"redis://:s3cret@127.0.0.1:{server.port}/0"
     assert server.client().set("a", "1")
     with pytest.raises(redis.exceptions.RedisError, match=r"(?i)auth"):
-        server.client(password=None).get("a")
+        server.client(password=None, retry=Retry(NoBackoff(), 0)).get("a")
 
 
 def test_missing_binary_gives_install_hint(tmp_path: Path) -> None:
@@ -205,7 +216,7 @@ def test_missing_binary_gives_install_hint(tmp_path: Path) -> None:
         KafkaServer(tmp_path / "k2", java_bin="/nonexistent/java").start()
 
 
-def test_failed_start_carries_log_tail(server_factory: ServerFactory) -> None:
+def test_failed_start_carries_log_tail(server_factory: ServerPool) -> None:
     db = server_factory.mariadb(extra_args=("--wmb-no-such-option",), start=False)
     with pytest.raises(ServerStartError) as err:
         db.start(timeout_s=60)

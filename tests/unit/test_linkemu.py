@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -406,7 +407,7 @@ def test_cli_process(echo: EchoServer, tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        ready = __import__("json").loads(proc.stdout.readline())
+        ready = json.loads(proc.stdout.readline())
         with connect(ready["listen_port"]) as s:
             ping(s)
             control_request(f"http://127.0.0.1:{ready['control_port']}", "cut", mode="reset")

@@ -222,6 +222,10 @@ class KafkaServer(ManagedProcess):
             # The pipeline creates its topics with explicit settings; a typo must fail, not
             # silently create a one-partition topic.
             "auto.create.topics.enable": "false",
+            # After a SIGKILL the restarted broker cannot register until the controller expires its
+            # previous session (DUPLICATE_BROKER_REGISTRATION): 9 s by default, 3 s here.
+            "broker.session.timeout.ms": "3000",
+            "broker.heartbeat.interval.ms": "500",
             "num.network.threads": "2",
             "num.io.threads": "4",
             "num.recovery.threads.per.data.dir": "1",

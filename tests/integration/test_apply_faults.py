@@ -1,0 +1,180 @@
+"""Fault tests of the applier: kill -9 the applier (also right after a replica commit) and the replica."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaProducer
+
+from cache_updater.applier.testing import Raw, SqlChangeSource, produce, topology_yaml, wait_until
+from cache_updater.apply import CRASH_ENV
+from cache_updater.verify_replica import format_report, verify_replica
+from wmb.servers import KafkaServer, MariaDBServer
+
+from .test_apply import Running, caught_up, conn_of, fresh, settings_for
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _schema(sim: SqlChangeSource, producer: KafkaProducer, topic: str, db: str) -> None:
+    produce(producer, topic, sim.ddl("", f"CREATE DATABASE {db}"))
+    produce(producer, topic, sim.ddl(db, "CREATE TABLE ctr (id INT PRIMARY KEY, n BIGINT NOT NULL)"))
+    produce(
+        producer,
+        topic,
+        sim.ddl(
+            db, "CREATE TABLE evlog (id INT PRIMARY KEY, k VARCHAR(20) NOT NULL UNIQUE, ctr INT, v BLOB)"
+        ),
+    )
+    produce(producer, topic, sim.txn([("insert", db, "ctr", {"id": i, "n": 0}) for i in range(10)]))
+
+
+def _txn_ops(db: str, i: int) -> list[tuple[Any, ...]]:
+    """One source transaction: bump a counter (n = number of txns that touched it), log, trim."""
+    ops: list[tuple[Any, ...]] = [
+        ("update", db, "ctr", {"id": i % 10}, {"n": Raw("n+1")}),
+        ("insert", db, "evlog", {"id": i, "k": f"k{i}", "ctr": i % 10, "v": os.urandom(16)}),
+    ]
+    if i >= 20 and i % 2 == 0:
+        ops.append(("delete", db, "evlog", {"id": i - 20}))
+    if i % 7 == 0:
+        ops.append(("update", db, "evlog", {"id": i}, {"k": f"r{i}"}))
+    return ops
+
+
+def _marker_count(replica: MariaDBServer) -> int:
+    rows = replica.query("SELECT COALESCE(SUM(txn_count),0) FROM wmb.wmb_apply_marker WHERE applier='gz'")
+    return int(rows[0][0])
+
+
+def test_kill9_applier_under_load_exactly_once(
+    tmp_path: Path, mariadb_master: MariaDBServer, mariadb_replica: MariaDBServer, kafka_gz: KafkaServer
+) -> None:
+    source, db = "apkill", "apply_kill"
+    fresh(mariadb_master, mariadb_replica, kafka_gz, source, db)
+    topic = f"wmb.{source}.changes"
+    producer = KafkaProducer(bootstrap_servers=kafka_gz.bootstrap, acks="all")
+    sim = SqlChangeSource(conn_of(mariadb_master), source=source)
+    _schema(sim, producer, topic, db)
+    producer.flush()
+    topo = tmp_path / "topology.yaml"
+    topo.write_text(
+        topology_yaml(
+            kafka_bootstrap=kafka_gz.bootstrap,
+            master=conn_of(mariadb_master),
+            replica=conn_of(mariadb_replica),
+            source=source,
+            tables=[f"{db}.*"],
+            max_txns=5,
+            max_ms=5,
+        )
+    )
+    settings = settings_for(source, mariadb_master, mariadb_replica, kafka_gz)
+    marker_before = _marker_count(mariadb_replica) if caught_up(mariadb_replica, settings, kafka_gz) else 0
+
+    # Load: a producer thread keeps writing source transactions while the applier is killed.
+    n_txns = 1200
+    done = threading.Event()
+
+    def load() -> None:
+        for i in range(n_txns):
+            produce(producer, topic, sim.txn(_txn_ops(db, i)))
+            if i % 50 == 0:
+                producer.flush()
+        producer.flush()
+        done.set()
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+
+    def applier(crash_after: int | None) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, WMB_LOG_LEVEL="WARNING")
+        env.pop(CRASH_ENV, None)
+        if crash_after is not None:
+            env[CRASH_ENV] = str(crash_after)
+        return subprocess.Popen(
+            [sys.executable, "-m", "cache_updater.apply_cli", "apply", "--dc", "gz", "--topology", str(topo)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    rnd = random.Random(7)
+    kills = 0
+    # 5 deaths right after a replica commit (before the Kafka offset commit) ...
+    for _ in range(5):
+        proc = applier(crash_after=rnd.randint(2, 8))
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 137, err.decode()[-2000:]
+        kills += 1
+    # ... and 3 kill -9 at arbitrary moments while it applies.
+    for _ in range(3):
+        proc = applier(None)
+        target = _marker_count(mariadb_replica) + rnd.randint(3, 30)
+        wait_until(lambda t=target: _marker_count(mariadb_replica) > t, what="applier progress")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        kills += 1
+    assert kills >= 5
+    wait_until(done.is_set, timeout_s=300, what="load finished")
+    # A clean run to the end, stopped with SIGTERM (exit 0).
+    proc = applier(None)
+    wait_until(lambda: caught_up(mariadb_replica, settings, kafka_gz), timeout_s=300, what="caught up")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+
+    # No source transaction applied twice (nor lost): the marker counts each one exactly once.
+    assert _marker_count(mariadb_replica) - marker_before == n_txns + 1  # + the ctr seed txn
+    report = verify_replica(settings.master, settings.replica, [f"{db}.*"])  # type: ignore[arg-type]
+    assert report.ok, format_report(report)
+    assert mariadb_replica.query(f"SELECT SUM(n) FROM {db}.ctr") == [(n_txns,)]
+    sim.close()
+    producer.close()
+
+
+def test_kill9_replica_under_load(
+    server_factory: Any, mariadb_master: MariaDBServer, kafka_gz: KafkaServer
+) -> None:
+    source, db = "aprepkill", "apply_repkill"
+    replica: MariaDBServer = server_factory.mariadb(server_id=77)
+    fresh(mariadb_master, replica, kafka_gz, source, db)
+    topic = f"wmb.{source}.changes"
+    producer = KafkaProducer(bootstrap_servers=kafka_gz.bootstrap, acks="all")
+    sim = SqlChangeSource(conn_of(mariadb_master), source=source)
+    _schema(sim, producer, topic, db)
+    producer.flush()
+    settings = settings_for(source, mariadb_master, replica, kafka_gz, group_max_txns=5, connect_timeout_s=2)
+    running = Running(settings)
+    n_txns = 800
+    for i in range(n_txns):
+        produce(producer, topic, sim.txn(_txn_ops(db, i)))
+        if i in (250, 550):
+            producer.flush()
+            wait_until(lambda: running.runner.status.txns > 5, what="applier busy")
+            replica.kill()  # kill -9 of mariadbd under load
+            time.sleep(1.0)
+            replica.start()
+    producer.flush()
+    wait_until(
+        lambda: caught_up(replica, settings, kafka_gz) or running.error, timeout_s=300, what="caught up"
+    )
+    running.stop()
+    assert running.error is None, running.error
+    assert running.runner.status.recoveries >= 2
+    assert _marker_count(replica) == n_txns + 1
+    report = verify_replica(settings.master, settings.replica, [f"{db}.*"])  # type: ignore[arg-type]
+    assert report.ok, format_report(report)
+    sim.close()
+    producer.close()
