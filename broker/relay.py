@@ -89,7 +89,6 @@ def source_consumer(settings: RelaySettings, role: str, group: bool = False, **e
         "request_timeout_ms": settings.request_timeout_ms,
         "max_poll_records": settings.max_poll_records,
         "reconnect_backoff_max_ms": 2_000,
-        "api_version_auto_timeout_ms": settings.probe_timeout_ms,
     }
     config.update(extra)
     return KafkaConsumer(**config)
@@ -211,6 +210,8 @@ class SourceMonitor:
                 to_commit = dict(self._to_commit)
             self._commit_group(c, to_commit)
         except Exception as exc:  # any failure of the probe means "the link is not usable now"
+            if not isinstance(exc, kerr.KafkaError | OSError):
+                self._log.error("monitor_probe_bug", error=repr(exc), exc_info=True)
             with self._lock:
                 old = self._view
                 self._view = SourceView(old.ok_at, True, old.partitions, old.end_offsets, repr(exc))

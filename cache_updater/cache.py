@@ -34,7 +34,7 @@ import base64
 import datetime as dt
 import decimal
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from typing import Any
 import orjson
 import redis
 from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from cache_updater.cache_settings import RedisSettings, TableCache
 from wmb import log
@@ -190,10 +190,13 @@ def plan(event: ChangeEvent, table: TableCache, tombstone_ttl_s: float) -> list[
         writes.append(GuardedWrite(key_now, OP_JSON, version, ttl_ms, (json_document(version, row),)))
     else:
         pairs: list[str] = []
+        nulls: list[str] = []
         for col, text in row.items():
-            if text is not None:
+            if text is None:
+                nulls.append(col)
+            else:
                 pairs += (col, text)
-        writes.append(GuardedWrite(key_now, OP_HASH, version, ttl_ms, (str(len(pairs) // 2), *pairs)))
+        writes.append(GuardedWrite(key_now, OP_HASH, version, ttl_ms, (str(len(pairs) // 2), *pairs, *nulls)))
     return writes
 
 
@@ -275,10 +278,51 @@ class RedisCache:
             raise RuntimeError("guard script vanished three times in a row")
         return result
 
-    def _send(self, writes: Iterable[GuardedWrite]) -> list[Any]:
+    def _send(self, writes: Sequence[GuardedWrite]) -> list[Any]:
         assert self.sha is not None
+        if isinstance(self.client, redis.Redis):
+            return self._send_packed(writes)
         pipe = self.client.pipeline(transaction=False)
         for w in writes:
             pipe.evalsha(self.sha, 2, w.key, tombstone_key(w.key), *w.argv())
         answers: list[Any] = pipe.execute(raise_on_error=False)
         return answers
+
+    def _send_packed(self, writes: Sequence[GuardedWrite]) -> list[Any]:
+        """The pipeline of a single-node client, packed here: redis-py's generic packer spends
+        ~60 us per EVALSHA in Python, :func:`pack_evalsha` about a tenth of that."""
+        assert self.sha is not None
+        sha = self.sha.encode()
+        payload = b"".join(pack_evalsha(sha, w) for w in writes)
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        answers: list[Any] = []
+        try:
+            conn.send_packed_command(payload, check_health=False)
+            for _ in writes:
+                try:
+                    answers.append(conn.read_response())
+                except ResponseError as exc:
+                    answers.append(exc)
+        except BaseException:
+            conn.disconnect()  # a half-read pipeline leaves the connection unusable
+            raise
+        finally:
+            pool.release(conn)
+        return answers
+
+
+def _bulk(arg: bytes | str | int) -> bytes:
+    raw = arg if isinstance(arg, bytes) else str(arg).encode()
+    return b"$%d\r\n%s\r\n" % (len(raw), raw)
+
+
+def pack_evalsha(sha: bytes, w: GuardedWrite) -> bytes:
+    """RESP of ``EVALSHA sha 2 key tomb op version ttl args...``."""
+    argv = (w.key, tombstone_key(w.key), *w.argv())
+    return b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$1\r\n2\r\n%s" % (
+        len(argv) + 3,
+        len(sha),
+        sha,
+        b"".join(_bulk(a) for a in argv),
+    )

@@ -25,9 +25,9 @@ def _register() -> None:
     from importlib.metadata import entry_points
 
     from wmb.config_cli import config
-    from wmb.ops_cli import run, sandbox
+    from wmb.ops_cli import lag, run, sandbox
 
-    for command in (config, run, sandbox):
+    for command in (config, run, sandbox, lag):
         cli.add_command(command)
     for entry in entry_points(group="wmb.commands"):
         cli.add_command(entry.load(), entry.name)

@@ -10,6 +10,7 @@ import click
 import orjson
 
 from wmb.errors import ExitCode
+from wmb.runtime import StopToken
 from wmb.topology import load_topology
 
 _topology_option = click.option(
@@ -126,3 +127,50 @@ def sandbox_demo(box: object, duration_s: float, rate_per_s: float, bring_up: bo
     if as_json:
         click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     sys.exit(0 if report["ok"] else int(ExitCode.MISMATCH))
+
+
+@click.command("lag")
+@_topology_option
+@click.option("--watch", is_flag=True, help="Redraw the table every --interval seconds until Ctrl-C.")
+@click.option("--interval", "interval_s", type=float, default=2.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (per refresh with --watch).")
+@click.option(
+    "--warn", "warn_s", type=float, default=5.0, show_default=True, help="WARN past this many seconds."
+)
+@click.option(
+    "--crit", "crit_s", type=float, default=30.0, show_default=True, help="ERR past this many seconds."
+)
+@click.option(
+    "--sample",
+    "sample_s",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="STALL detection window (0 = off).",
+)
+def lag(
+    topology_path: str,
+    watch: bool,
+    interval_s: float,
+    as_json: bool,
+    warn_s: float,
+    crit_s: float,
+    sample_s: float,
+) -> None:
+    """Messages and seconds behind for every hop of every datacenter.  Exit 0 OK, 1 WARN, 2 CRIT."""
+    from wmb.lag import collect, render_table
+
+    topology = load_topology(topology_path)
+    stop = StopToken().install() if watch else None
+    while True:
+        report = collect(topology, warn_s, crit_s, sample_s if not watch else 0.0)
+        if as_json:
+            click.echo(orjson.dumps(report.as_dict()).decode())
+        else:
+            if watch:
+                click.echo("\x1b[2J\x1b[H", nl=False)  # clear the screen, cursor home
+                click.echo(time.strftime("%H:%M:%S ") + f"status {report.status.name}")
+            click.echo(render_table(report))
+        if stop is None or stop.wait(interval_s):
+            break
+    sys.exit(report.status.exit_code)

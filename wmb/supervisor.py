@@ -19,10 +19,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from prometheus_client import Counter, Gauge
 
 from wmb import log
@@ -165,17 +168,21 @@ class Supervisor:
         )
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        daemons = {
-            c.spec.name: {
+        """Healthy when every child runs and its own ``/health`` says so."""
+        daemons: dict[str, Any] = {}
+        for c in self.children:
+            child_ok, detail = False, dict[str, Any]()
+            if c.proc is not None and c.proc.poll() is None:
+                child_ok, detail = _child_health(c.spec.metrics_port)
+            daemons[c.spec.name] = {
+                "ok": child_ok,
                 "pid": c.proc.pid if c.proc else None,
                 "metrics_port": c.spec.metrics_port,
                 "restarts": c.restarts,
                 "final_exit_code": c.final_code,
+                "health": detail,
             }
-            for c in self.children
-        }
-        ok = all(c.proc is not None for c in self.children)
-        return ok, {"daemons": daemons}
+        return all(d["ok"] for d in daemons.values()), {"daemons": daemons}
 
     def run(self, stop: StopToken, poll_s: float = 0.2) -> int:
         """Supervise until ``stop`` is set or every child has exited for good; return the exit code."""
@@ -213,6 +220,19 @@ class Supervisor:
                 child.proc.wait()
             UP.labels(child.spec.name).set(0)
             child.proc = None
+
+
+def _child_health(port: int, timeout_s: float = 1.0) -> tuple[bool, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=timeout_s) as resp:
+            return True, orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:  # 503: the daemon runs but says it is not healthy
+        try:
+            return False, orjson.loads(exc.read())
+        except orjson.JSONDecodeError:
+            return False, {"error": f"HTTP {exc.code}"}
+    except (OSError, orjson.JSONDecodeError) as exc:
+        return False, {"error": f"unreachable: {exc}"}
 
 
 def run_dc(

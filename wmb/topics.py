@@ -26,3 +26,22 @@ def control_topic() -> str:
 def dead_letter_topic(dc: str) -> str:
     """Poison messages of one datacenter, with the reason and the original offset in headers."""
     return f"wmb.{dc}.dlq"
+
+
+# Consumer groups: offsets are committed after each durable write, for monitoring (`wmb lag` and
+# Kafka's own kafka-consumer-groups.sh); the daemons resume from their own checkpoints, not from these.
+
+
+def relay_group(src_dc: str, dst_dc: str) -> str:
+    """On the *source* cluster: how far the relay into ``dst_dc`` has shipped."""
+    return f"wmb-relay-{src_dc}-{dst_dc}"
+
+
+def cache_group(dc: str) -> str:
+    """On ``dc``'s cluster: how far the cache updater has applied to Redis."""
+    return f"wmb-cache-{dc}"
+
+
+def apply_group(dc: str) -> str:
+    """On ``dc``'s cluster: how far the replica applier has committed."""
+    return f"wmb-apply-{dc}"

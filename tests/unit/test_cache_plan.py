@@ -76,7 +76,7 @@ def test_refresh_hash_omits_nulls_and_keeps_the_subset() -> None:
     )
     [w] = plan(ev(Op.INSERT, {"id": 7}, after={"id": 7, "name": "a", "nick": None, "secret": "x"}), table, 60)
     assert (w.key, w.op, w.version) == ("user:7", OP_HASH, "0000000001.00000000000000000005.0000000000")
-    assert w.args == ("2", "id", "7", "name", "a")
+    assert w.args == ("2", "id", "7", "name", "a", "nick")
 
 
 def test_refresh_json_puts_version_first() -> None:

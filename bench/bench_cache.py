@@ -1,0 +1,146 @@
+"""Cache updater throughput: guarded writes (Lua EVALSHA, pipelined) vs bare pipelined SET/HSET.
+
+Starts a private redis-server on a free port, then in the same run measures:
+  * guard      - pre-planned writes through ``RedisCache.apply`` (one EVALSHA per event, batches
+                 of ``--batch``, ``transaction=False``): what the daemon's Redis edge does;
+  * full path  - envelope bytes -> ``wmb.codec.decode`` -> ``plan`` -> guarded apply;
+  * bare SET   - the same keys and JSON values with a pipelined SET (no guard), and
+  * bare HSET  - the same hashes with a pipelined HSET (no guard, no DEL of old fields).
+and prints events/s and the guard/bare ratios.  Target: guard >= 50k events/s.
+
+    .venv/bin/python bench/bench_cache.py [--events 200000] [--keys 20000] [--batch 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache_updater.cache import GuardedWrite, RedisCache, plan  # noqa: E402
+from cache_updater.cache_settings import TableCache  # noqa: E402
+from wmb import codec  # noqa: E402
+from wmb.event import ChangeEvent, Op, Position, TxnInfo, Version  # noqa: E402
+from wmb.servers import RedisServer  # noqa: E402
+
+COLUMNS = {"id": "int", "name": "text:utf8mb4", "balance": "decimal:12,2", "updated": "datetime:6"}
+
+
+def events(n: int, keys: int) -> list[ChangeEvent]:
+    out = []
+    base = dt.datetime(2024, 1, 1)
+    for i in range(n):
+        pk = i % keys
+        row = {"id": pk, "name": f"user-{pk}-{i}", "balance": Decimal(i) / 100, "updated": base}
+        out.append(
+            ChangeEvent(
+                source="bench",
+                origin="bj",
+                server_id=1,
+                op=Op.UPDATE if i >= keys else Op.INSERT,
+                database="app",
+                table="users",
+                ts_ms=1,
+                position=Position(f"0-1-{i + 1}", "b.1", i),
+                txn=TxnInfo(f"0-1-{i + 1}", 0, True),
+                version=Version(1, i + 1, 0),
+                pk={"id": pk},
+                before=row if i >= keys else None,
+                after=row,
+                columns=COLUMNS,
+            )
+        )
+    return out
+
+
+def timed(label: str, n: int, fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - t0
+    rate = n / elapsed
+    print(f"{label:<34s} {n:>8d} events in {elapsed:6.2f} s = {rate:>9.0f} events/s")
+    return rate
+
+
+def chunks(seq: Sequence[GuardedWrite], size: int) -> list[Sequence[GuardedWrite]]:
+    return [seq[i : i + size] for i in range(0, len(seq), size)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--keys", type=int, default=20_000)
+    ap.add_argument("--batch", type=int, default=5000)
+    args = ap.parse_args()
+
+    evs = events(args.events, args.keys)
+    hash_table = TableCache(table="app.users", key="user:{id}", primary_key=("id",))
+    json_table = TableCache(table="app.users", key="juser:{id}", primary_key=("id",), format="json")
+    hash_writes = [w for e in evs for w in plan(e, hash_table, 3600)]
+    json_writes = [w for e in evs for w in plan(e, json_table, 3600)]
+    raw = [codec.encode(e) for e in evs]
+
+    with tempfile.TemporaryDirectory(prefix="wmb-bench-cache-") as tmp:
+        server = RedisServer(Path(tmp) / "redis").start()
+        try:
+            client = server.client()
+            cache = RedisCache(client)
+            cache.load()
+
+            def guarded(writes: Sequence[GuardedWrite]) -> Callable[[], object]:
+                def run() -> None:
+                    for batch in chunks(writes, args.batch):
+                        cache.apply(batch)
+
+                return run
+
+            def full_path() -> None:
+                client.flushall()
+                cache.load()
+                for i in range(0, len(raw), args.batch):
+                    ws = [w for b in raw[i : i + args.batch] for w in plan(codec.decode(b), hash_table, 3600)]
+                    cache.apply(ws)
+
+            def bare_set() -> None:
+                for batch in chunks(json_writes, args.batch):
+                    pipe = client.pipeline(transaction=False)
+                    for w in batch:
+                        pipe.set(w.key, w.args[0])
+                    pipe.execute()
+
+            def bare_hset() -> None:
+                for batch in chunks(hash_writes, args.batch):
+                    pipe = client.pipeline(transaction=False)
+                    for w in batch:
+                        pairs = w.args[1:]
+                        pipe.hset(w.key, mapping=dict(zip(pairs[::2], pairs[1::2], strict=True)))
+                    pipe.execute()
+
+            n = args.events
+            g_hash = timed("guard, hash (EVALSHA pipelined)", n, guarded(hash_writes))
+            g_json = timed("guard, json (EVALSHA pipelined)", n, guarded(json_writes))
+            replay = cache.apply(hash_writes[: args.batch])
+            assert replay.applied == 0 and replay.stale == args.batch, replay
+            g_replay = timed("guard, replay (all stale)", n, guarded(hash_writes))
+            full = timed("full path: decode+plan+guard", n, full_path)
+            b_set = timed("bare pipelined SET (json)", n, bare_set)
+            b_hset = timed("bare pipelined HSET", n, bare_hset)
+            print(
+                f"ratio guard/bare: json {g_json / b_set:.2f}, hash {g_hash / b_hset:.2f}; "
+                f"replay {g_replay / b_set:.2f} of bare SET; full path {full / b_set:.2f} of bare SET"
+            )
+            print(f"target guard >= 50000 events/s: {'MET' if min(g_hash, g_json) >= 50_000 else 'NOT MET'}")
+            client.close()
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Capture as a subprocess: kill -9 under load, fencing, SIGTERM, and refused starts (exit codes)."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from binlog_capture.testing import read_events, settings_for, spawn, wait_log
+from wmb.errors import ExitCode
+from wmb.event import ChangeEvent, Op
+
+pytestmark = pytest.mark.integration
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:6]}"
+
+
+def _finish(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> int:
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def _refused(settings: Any, tmp_path: Path, *args: str) -> tuple[int, str]:
+    proc = spawn(settings, tmp_path, *args, log_name="refused")
+    code = _finish(proc, 120)
+    return code, (tmp_path / "refused.log").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# fencing + SIGTERM
+
+
+def test_second_capturer_fences_the_first(mariadb_master: Any, kafka_bj: Any, tmp_path: Path) -> None:
+    source = _name("fence")
+    settings = settings_for(mariadb_master, kafka_bj, source, partitions=1)
+    first = spawn(settings, tmp_path, "--from-now", log_name="first")
+    try:
+        wait_log(tmp_path / "first.log", "binlog_stream_open", proc=first)
+        wait_log(tmp_path / "first.log", "wmb_capture" if False else "binlog_stream_open")
+        time.sleep(1.5)  # let it commit a few heartbeat transactions
+        second = spawn(settings, tmp_path, log_name="second")
+        try:
+            assert _finish(first, 90) == ExitCode.FENCED
+            assert "fenced_exiting" in (tmp_path / "first.log").read_text()
+            wait_log(tmp_path / "second.log", "binlog_stream_open", proc=second)
+            time.sleep(1.0)
+            second.send_signal(signal.SIGTERM)
+            assert _finish(second, 30) == ExitCode.OK
+            assert "capture_stopped" in (tmp_path / "second.log").read_text()
+        finally:
+            if second.poll() is None:
+                second.kill()
+    finally:
+        if first.poll() is None:
+            first.kill()
+
+
+# ------------------------------------------------------------------------------------------------
+# refused starts
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "needle"),
+    [
+        ("binlog_format", "STATEMENT", "binlog_format is STATEMENT"),
+        ("binlog_row_image", "MINIMAL", "binlog_row_image is MINIMAL"),
+        ("binlog_row_metadata", "MINIMAL", "binlog_row_metadata is MINIMAL"),
+    ],
+)
+def test_bad_binlog_settings_are_refused(
+    server_factory: Any, kafka_bj: Any, tmp_path: Path, variable: str, value: str, needle: str
+) -> None:
+    db = server_factory.mariadb(server_id=11)
+    db.execute(f"SET GLOBAL {variable}={value}")  # new sessions (the capture's) see it
+    code, log = _refused(settings_for(db, kafka_bj, _name("bad")), tmp_path)
+    assert code == ExitCode.PREFLIGHT, log
+    assert needle in log and f"SET GLOBAL {variable}=" in log, log
+
+
+def test_missing_replication_grant_is_refused(server_factory: Any, kafka_bj: Any, tmp_path: Path) -> None:
+    db = server_factory.mariadb(server_id=12)
+    db.execute("CREATE USER 'norepl'@'127.0.0.1' IDENTIFIED BY 'pw'")
+    db.execute("GRANT SELECT, REPLICATION CLIENT ON *.* TO 'norepl'@'127.0.0.1'")
+    settings = settings_for(db, kafka_bj, _name("grant"), mysql_user="norepl", mysql_password="pw")
+    code, log = _refused(settings, tmp_path)
+    assert code == ExitCode.PREFLIGHT, log
+    assert "lacks REPLICATION SLAVE" in log, log
+
+
+def test_replication_client_alias_is_accepted() -> None:
+    from binlog_capture.preflight import parse_grants
+
+    privs = parse_grants(["GRANT SELECT, REPLICATION SLAVE, BINLOG MONITOR ON *.* TO `u`@`%`"])
+    assert {"SELECT", "REPLICATION SLAVE", "BINLOG MONITOR"} <= privs
+
+
+def test_purged_checkpoint_is_position_lost(server_factory: Any, kafka_bj: Any, tmp_path: Path) -> None:
+    db = server_factory.mariadb(server_id=13)
+    db.execute("CREATE DATABASE p")
+    db.execute("CREATE TABLE p.t (id INT PRIMARY KEY)")
+    settings = settings_for(db, kafka_bj, _name("purge"), partitions=1)
+    proc = spawn(settings, tmp_path, "--from-now", log_name="first")
+    wait_log(tmp_path / "first.log", "binlog_stream_open", proc=proc)
+    db.execute("INSERT INTO p.t VALUES (1)")
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    assert _finish(proc) == ExitCode.OK
+    # The checkpoint now points into binlog 1; rotate, write more, purge it.
+    db.execute("DROP TABLE wmb.wmb_heartbeat")  # nothing writes heartbeats while we purge
+    for i in range(2, 5):
+        db.execute(f"INSERT INTO p.t VALUES ({i})")
+    db.execute("FLUSH BINARY LOGS")
+    db.execute("INSERT INTO p.t VALUES (10)")
+    current = db.query("SHOW MASTER STATUS")[0][0]
+    db.execute(f"PURGE BINARY LOGS TO '{current}'")
+    code, log = _refused(settings, tmp_path)
+    assert code == ExitCode.POSITION_LOST, log
+    assert "purged" in log, log
+    # --from-gtid of a purged GTID is refused the same way.
+    code, log = _refused(settings, tmp_path, "--from-gtid", "0-13-1")
+    assert code == ExitCode.POSITION_LOST, log
+
+
+def test_unknown_gtid_domain_is_position_lost(mariadb_master: Any, kafka_bj: Any, tmp_path: Path) -> None:
+    settings = settings_for(mariadb_master, kafka_bj, _name("domain"), partitions=1)
+    code, log = _refused(settings, tmp_path, "--from-gtid", "77-1-5")
+    assert code == ExitCode.POSITION_LOST, log
+    assert "domain 77" in log, log
+
+
+# ------------------------------------------------------------------------------------------------
+# kill -9 under load
+
+
+class _Load(threading.Thread):
+    """Random small transactions; records each committed GTID and its row count."""
+
+    def __init__(self, mariadb: Any, db: str) -> None:
+        super().__init__(daemon=True)
+        self.conn = mariadb.connect(autocommit=False)
+        self.db = db
+        self.halt = threading.Event()
+        self.committed: dict[str, int] = {}
+        self.next_id = 1_000_000
+        self.rng = random.Random(7)
+
+    def one(self, rows: int) -> None:
+        with self.conn.cursor() as cur:
+            ids = list(range(self.next_id, self.next_id + rows))
+            self.next_id += rows
+            cur.executemany(f"INSERT INTO {self.db}.t VALUES (%s, %s)", [(i, "x" * 40) for i in ids])
+            self.conn.commit()
+            cur.execute("SELECT @@last_gtid")
+            row = cur.fetchone()
+            assert row is not None
+            self.committed[str(row[0])] = rows
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.one(self.rng.choice((1, 1, 2, 5, 20)))
+            self.halt.wait(0.003)
+
+
+def test_kill_minus_9_keeps_every_transaction_exactly_once(
+    mariadb_master: Any, kafka_bj: Any, tmp_path: Path
+) -> None:
+    db, source = _name("crash"), _name("crash")
+    mariadb_master.execute(f"CREATE DATABASE {db}")
+    mariadb_master.execute(f"CREATE TABLE {db}.t (id INT PRIMARY KEY, v VARCHAR(64))")
+    mariadb_master.execute(f"CREATE TABLE {db}.big (id INT PRIMARY KEY, v VARCHAR(600))")
+    settings = settings_for(mariadb_master, kafka_bj, source, include=(f"{db}.*",), partitions=2)
+    log = tmp_path / "capture.log"
+    proc = spawn(settings, tmp_path, "--from-now")
+    wait_log(log, "binlog_stream_open", proc=proc)
+    load = _Load(mariadb_master, db)
+    load.start()
+    kills = 0
+    killed_inside_big = 0
+    big_gtid = ""
+    try:
+        # 1) kill inside the production of a 10k-row transaction: watch the uncommitted stream.
+        with mariadb_master.connect(autocommit=False) as conn, conn.cursor() as cur:
+            cur.executemany(f"INSERT INTO {db}.big VALUES (%s, %s)", [(i, "b" * 500) for i in range(10_000)])
+            conn.commit()
+            cur.execute("SELECT @@last_gtid")
+            big_gtid = str(cur.fetchone()[0])  # type: ignore[index]
+        for _ in range(6):
+            read_events(
+                kafka_bj.bootstrap,
+                source,
+                isolation="read_uncommitted",
+                until=lambda evs: any(e.txn.id == big_gtid for _, e in evs[-5000:]),
+                timeout_s=120,
+            )
+            proc.kill()
+            proc.wait()
+            kills += 1
+            committed = read_events(kafka_bj.bootstrap, source)
+            if not any(e.txn.id == big_gtid for _, e in committed):
+                killed_inside_big += 1
+                proc = spawn(settings, tmp_path)
+                wait_log(log, "binlog_stream_open", proc=proc)
+                break
+            proc = spawn(settings, tmp_path)
+            wait_log(log, "binlog_stream_open", proc=proc)
+        # 2) random kills under the running load
+        rng = random.Random(11)
+        for _ in range(5):
+            time.sleep(rng.uniform(0.3, 2.0))
+            proc.kill()
+            proc.wait()
+            kills += 1
+            proc = spawn(settings, tmp_path)
+            time.sleep(rng.uniform(0.0, 0.5))  # sometimes during start-up
+        load.halt.set()
+        load.join(30)
+        final = dict(load.committed)
+        final[big_gtid] = 10_000
+        wait_log(log, "binlog_stream_open", proc=proc)
+
+        def complete(evs: list[tuple[int, ChangeEvent]]) -> bool:
+            return {e.txn.id for _, e in evs if e.op is Op.INSERT} >= set(final)
+
+        events = read_events(kafka_bj.bootstrap, source, until=complete, timeout_s=240)
+    finally:
+        load.halt.set()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            _finish(proc, 30)
+    assert kills >= 6 and killed_inside_big >= 1, (kills, killed_inside_big)
+    rows = [e for _, e in events if e.op is Op.INSERT]
+    ids = Counter((e.txn.id, e.txn.seq) for e in rows)
+    dupes = [k for k, n in ids.items() if n > 1]
+    assert not dupes, f"{len(dupes)} events twice, e.g. {dupes[:3]}"
+    per_txn: dict[str, list[ChangeEvent]] = defaultdict(list)
+    for e in rows:
+        per_txn[e.txn.id].append(e)
+    assert set(per_txn) == set(final), "transactions missing or unknown"
+    for gtid, n in final.items():
+        evs = per_txn[gtid]
+        assert len(evs) == n, f"{gtid}: {len(evs)} of {n} rows"
+        assert [e.txn.seq for e in sorted(evs, key=lambda e: e.txn.seq)] == list(range(n))
+        assert sum(e.txn.last for e in evs) == 1
+    master_rows = mariadb_master.query(f"SELECT COUNT(*) FROM {db}.t")[0][0] + 10_000
+    assert len(rows) == master_rows
