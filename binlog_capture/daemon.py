@@ -277,6 +277,8 @@ class CaptureDaemon:
 
     def _stream_once(self) -> None:
         assert self._reader is not None
+        if self.stop.stopped:
+            return
         progressed = False
         try:
             for txn in self._reader.transactions():

@@ -41,6 +41,10 @@ ER_MASTER_FATAL_ERROR_READING_BINLOG = 1236
 _MARIADB_FL_STANDALONE = 0x01  # GTID event flag: a single statement with no BEGIN/COMMIT (DDL)
 
 
+class ReaderClosed(Exception):
+    """The reader was closed (stop requested); ends the transaction iterator quietly."""
+
+
 @dataclass(slots=True)
 class RowsItem:
     """One rows event of a transaction, rows already decoded by the library."""
@@ -213,6 +217,7 @@ class TxnReader:
         self.pos = start.pos or 4
         self._stream: Any = None
         self._lock = threading.Lock()
+        self._closed = False
         if use_tablemap_cache:
             tablemap_cache.install(table_filter)
 
@@ -238,6 +243,9 @@ class TxnReader:
             # preflight), never from the information_schema cache: it mislabels after ALTER.
             use_column_name_cache=False,
             slave_heartbeat=5,
+            # The library reconnects by itself on errors 2013/2006, also after close() from another
+            # thread; this wrapper stops that once the reader is closed.
+            pymysql_wrapper=self._connect,
         )
         if self._use_gtid and self.state:
             kwargs.update(auto_position=str(self.state), is_mariadb=self._mariadb)
@@ -254,7 +262,17 @@ class TxnReader:
         _log.info("binlog_stream_open", start=str(self.state) or f"{self.file}:{self.pos}")
         return stream
 
+    def _connect(self, **kwargs: Any) -> Any:
+        if self._closed:
+            raise ReaderClosed()
+        return pymysql.connect(**kwargs)
+
     def close(self) -> None:
+        """Close the stream (from any thread) and keep it closed."""
+        self._closed = True
+        self._close_stream()
+
+    def _close_stream(self) -> None:
         with self._lock:
             stream, self._stream = self._stream, None
         if stream is not None:
@@ -270,10 +288,16 @@ class TxnReader:
         A connection error propagates (the caller retries by calling this again: it reopens the
         stream at the state after the last transaction yielded, dropping any partial one).
         """
+        if self._closed:
+            return
         stream = self._open()
         try:
             yield from self._iterate(stream)
+        except ReaderClosed:
+            return
         except pymysql.err.MySQLError as exc:
+            if self._closed:
+                return
             if exc.args and exc.args[0] == ER_MASTER_FATAL_ERROR_READING_BINLOG:
                 raise PositionLostError(
                     f"the server cannot serve the saved position {self.state or (self.file, self.pos)}: "
@@ -282,13 +306,15 @@ class TxnReader:
                 ) from exc
             raise
         finally:
-            self.close()
+            self._close_stream()
 
     def _iterate(self, stream: Any) -> Iterator[SourceTxn]:
         txn: SourceTxn | None = None
         standalone = False
         skipping = False
         for ev in stream:
+            if self._closed:
+                return
             cls = type(ev)
             if cls is RotateEvent:
                 self.file, self.pos = ev.next_binlog, ev.position

@@ -23,20 +23,26 @@ class RelayMetrics:
         self.local_resets = Counter(
             "wmb_relay_local_resets", "Local errors recovered by abort + re-seek", labels, registry=r
         ).labels(route)
-        self.link_up = Gauge("wmb_relay_link_up", "1 while the source cluster answers", labels, registry=r).labels(
-            route
-        )
-        self.paused = Gauge("wmb_relay_paused", "1 while paused by the control topic", labels, registry=r).labels(
-            route
-        )
+        self.link_up = Gauge(
+            "wmb_relay_link_up", "1 while the source cluster answers", labels, registry=r
+        ).labels(route)
+        self.paused = Gauge(
+            "wmb_relay_paused", "1 while paused by the control topic", labels, registry=r
+        ).labels(route)
         self.throttle = Gauge(
             "wmb_relay_throttle_bytes_per_s", "Active throttle (0 = unlimited)", labels, registry=r
         ).labels(route)
         self.lag_messages = Gauge(
-            "wmb_relay_lag_messages", "Source end offset - checkpoint, summed over partitions", labels, registry=r
+            "wmb_relay_lag_messages",
+            "Source end offset - checkpoint, summed over partitions",
+            labels,
+            registry=r,
         ).labels(route)
         self.lag_seconds = Gauge(
-            "wmb_relay_lag_seconds", "Now - commit time of the last shipped event while behind", labels, registry=r
+            "wmb_relay_lag_seconds",
+            "Now - commit time of the last shipped event while behind",
+            labels,
+            registry=r,
         ).labels(route)
         self.fetch_latency = Histogram(
             "wmb_relay_fetch_latency_seconds",

@@ -40,7 +40,11 @@ from wmb import log, topics
 from wmb.errors import ConfigError, FencedError, GaveUpError, PositionLostError, WmbError
 from wmb.runtime import MetricsServer, StopToken, io_retry
 
-_FENCED = (kerr.ProducerFencedError, kerr.InvalidProducerEpochError, kerr.TransactionalIdAuthorizationFailedError)
+_FENCED = (
+    kerr.ProducerFencedError,
+    kerr.InvalidProducerEpochError,
+    kerr.TransactionalIdAuthorizationFailedError,
+)
 
 
 class LinkDownError(WmbError):
@@ -94,7 +98,9 @@ def source_consumer(settings: RelaySettings, role: str, group: bool = False, **e
     return KafkaConsumer(**config)
 
 
-def read_compacted(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[tuple[bytes | None, bytes | None]]:
+def read_compacted(
+    bootstrap: str, topic: str, timeout_s: float = 30.0
+) -> list[tuple[bytes | None, bytes | None]]:
     """Every committed (key, value) of ``topic``, in offset order per partition, up to its end now."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -286,14 +292,12 @@ class Relay:
 
     def _close(self) -> None:
         self._drop_consumer()
-        for closer in (
-            lambda: self._producer and self._producer.close(timeout=5),
-            lambda: self._admin and self._admin.close(),
-            lambda: self._control and self._control.close(),
-            lambda: self._metrics_server and self._metrics_server.stop(),
-        ):
-            with contextlib.suppress(Exception):
-                closer()
+        for client, kwargs in ((self._producer, {"timeout": 5}), (self._admin, {}), (self._control, {})):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close(**kwargs)
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         ok = bool(self._link_up) and not self.stop.stopped
@@ -329,9 +333,9 @@ class Relay:
             self._update_lag()
             return
         try:
-            batch = io_retry("source fetch", retry_on=(LinkDownError,), on_retry=self._on_link_error, **self._bound())(
-                self._fetch
-            )
+            batch = io_retry(
+                "source fetch", retry_on=(LinkDownError,), on_retry=self._on_link_error, **self._bound()
+            )(self._fetch)
         except LinkDownError as exc:
             raise GaveUpError(f"source unreachable for {self.settings.retry_max_elapsed_s}s: {exc}") from exc
         if batch is None:
@@ -391,7 +395,9 @@ class Relay:
                     self._producer.close(timeout=2)
                 self._producer = None
             if self._admin is None:
-                self._admin = KafkaAdminClient(bootstrap_servers=s.dst_bootstrap, client_id=_client_id(s, "admin"))
+                self._admin = KafkaAdminClient(
+                    bootstrap_servers=s.dst_bootstrap, client_id=_client_id(s, "admin")
+                )
             self._ensure_topic(topics.relay_checkpoint_topic(), 1, compacted=True)
             self._ensure_topic(topics.control_topic(), 1, compacted=True)
             producer = KafkaProducer(
@@ -459,7 +465,7 @@ class Relay:
             for tp, recs in records.items():
                 dst_topic = s.dst_topic(tp.topic)
                 for r in recs:
-                    headers = relay_headers(r.headers or [], s.src_dc, s.dst_dc)
+                    headers = relay_headers(r.headers or [], s.src_dc, s.dst_dc, s.loop_protection)
                     if headers is None:
                         skipped += 1  # loop: the checkpoint still moves past it
                         continue
@@ -477,7 +483,11 @@ class Relay:
                     last = recs[-1]
                     last_ts = commit_ts_ms(last.headers or []) or last.timestamp
             for tp, pos in changed.items():
-                p.send(topics.relay_checkpoint_topic(), key=checkpoint.key(s.route, tp), value=checkpoint.value(pos))
+                p.send(
+                    topics.relay_checkpoint_topic(),
+                    key=checkpoint.key(s.route, tp),
+                    value=checkpoint.value(pos),
+                )
             p.commit_transaction()
         self._checkpoints.update(changed)
         self._last_commit = now
@@ -530,7 +540,9 @@ class Relay:
             records = c.poll(timeout_ms=200)
             if records:
                 self.metrics.fetch_latency.observe(time.perf_counter() - t0)
-            positions = {tp: c.position(tp, timeout_ms=self.settings.probe_timeout_ms) for tp in self._assigned}
+            positions = {
+                tp: c.position(tp, timeout_ms=self.settings.probe_timeout_ms) for tp in self._assigned
+            }
         self._mark_link_up()
         return records, positions
 
@@ -558,7 +570,8 @@ class Relay:
             lost = [tp for tp, first in firsts.items() if self._checkpoints[tp] < first]
         if lost:
             raise PositionLostError(
-                f"source log start moved past the relay checkpoint for {lost}: retention is shorter than the outage"
+                f"source log start moved past the relay checkpoint for {lost}: "
+                "the source retention is shorter than the outage"
             )
         for tp in new:
             c.seek(tp, self._checkpoints.get(tp, starts.get(tp, 0)))
@@ -595,7 +608,9 @@ class Relay:
 
     def _open_control(self) -> KafkaConsumer:
         """Read the compacted control topic from its start: the latest state wins, then follow it."""
-        c = KafkaConsumer(bootstrap_servers=self.settings.dst_bootstrap, group_id=None, enable_auto_commit=False)
+        c = KafkaConsumer(
+            bootstrap_servers=self.settings.dst_bootstrap, group_id=None, enable_auto_commit=False
+        )
         parts = c.partitions_for_topic(topics.control_topic()) or {0}
         tps = [TopicPartition(topics.control_topic(), p) for p in sorted(parts)]
         c.assign(tps)

@@ -32,7 +32,9 @@ def visited(headers: Sequence[tuple[str, bytes]], src_dc: str) -> list[str]:
     return [origin.decode("utf-8", "replace")] if origin else [src_dc]
 
 
-def relay_headers(headers: Sequence[tuple[str, bytes]], src_dc: str, dst_dc: str) -> Headers | None:
+def relay_headers(
+    headers: Sequence[tuple[str, bytes]], src_dc: str, dst_dc: str, loop_protection: bool = True
+) -> Headers | None:
     """The headers to ship with, or None if shipping to ``dst_dc`` would make a loop.
 
     Existing headers are copied in order (the codec's own headers pass through untouched); the
@@ -41,7 +43,7 @@ def relay_headers(headers: Sequence[tuple[str, bytes]], src_dc: str, dst_dc: str
     origin = _get(headers, ORIGIN_HEADER)
     origin_dc = origin.decode("utf-8", "replace") if origin else src_dc
     path = visited(headers, src_dc)
-    if origin_dc == dst_dc or dst_dc in path:
+    if loop_protection and (origin_dc == dst_dc or dst_dc in path):
         return None
     if not path or path[-1] != src_dc:
         path.append(src_dc)  # a route header written before this hop's source: keep the full trail

@@ -52,6 +52,7 @@ class RelaySettings:
     topic_refresh_s: float = 10.0
     retry_max_elapsed_s: float | None = None  # None = retry the link forever
     retry_max_backoff_s: float = 10.0
+    loop_protection: bool = True  # never ship into a datacenter the message has visited
     commit_group_offsets: bool = True  # best effort, for `wmb lag` on the source side
     metrics_port: int | None = None  # None = no endpoint, 0 = any free port
     dst_replication_factor: int = -1  # -1 = the destination broker's default
@@ -107,6 +108,52 @@ class RelaySettings:
         return cls.from_json(Path(path).read_bytes())
 
 
+def parse_route(route: str) -> tuple[str, str]:
+    """``bj:gz`` or ``bj->gz`` -> ("bj", "gz")."""
+    for sep in ("->", ":"):
+        if sep in route:
+            src, dst = route.split(sep, 1)
+            if src and dst:
+                return src, dst
+    raise ConfigError(f"route {route!r}: expected SRC:DST (e.g. bj:gz)")
+
+
 def settings_from_topology(topology: Any, route: str, metrics_port: int | None = None) -> RelaySettings:
-    """Build the settings of ``route`` ("bj:gz") from a :class:`wmb.topology.Topology`."""
-    raise ConfigError("settings_from_topology: wmb.topology is not available yet")
+    """The settings of ``route`` ("bj:gz") from a :class:`wmb.topology.Topology`.
+
+    The relay fetches through the source cluster's ``wan_bootstrap`` and carries the changes topics
+    of every source that reaches the source datacenter and that the route carries.
+    """
+    src_dc, dst_dc = parse_route(route)
+    matches = [r for r in topology.routes if r.from_ == src_dc and r.to == dst_dc]
+    if not matches:
+        raise ConfigError(f"route {src_dc}:{dst_dc} is not in the topology")
+    r = matches[0]
+    carried = tuple(
+        sorted(
+            topology.topic_in(s.name, src_dc) for s in topology.sources_reaching(src_dc) if r.carries(s.name)
+        )
+    )
+    if not carried:
+        raise ConfigError(f"route {src_dc}:{dst_dc}: no source reaches {src_dc}, nothing to relay")
+    return RelaySettings(
+        route=f"{src_dc}:{dst_dc}",
+        src_dc=src_dc,
+        dst_dc=dst_dc,
+        src_bootstrap=topology.dc(src_dc).kafka.remote_bootstrap,
+        dst_bootstrap=topology.dc(dst_dc).kafka.bootstrap,
+        topics=carried,
+        topic_prefix=r.topic_prefix,
+        compression=None if str(r.compression) == "none" else str(r.compression),
+        max_bytes_per_s=r.max_bytes_per_s,
+        fetch_max_bytes=r.fetch_max_bytes,
+        max_partition_fetch_bytes=r.max_partition_fetch_bytes,
+        fetch_max_wait_ms=r.fetch_max_wait_ms,
+        receive_buffer_bytes=r.socket_receive_buffer_bytes,
+        max_poll_records=r.commit_max_messages,
+        loop_protection=r.loop_protection,
+        retry_max_elapsed_s=r.retry.max_elapsed_s,
+        retry_max_backoff_s=r.retry.max_backoff_s,
+        metrics_port=metrics_port,
+        dst_replication_factor=topology.dc(dst_dc).kafka.replication_factor,
+    )

@@ -33,8 +33,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
+import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,14 @@ OP_HASH, OP_JSON, OP_DELETE = "h", "j", "d"
 
 def render(value: Any) -> str:
     """The stable text rendering of one exact column value (see the module docstring)."""
+    fast = _FAST.get(type(value))
+    if fast is not None:
+        text: str = fast(value)
+        return text
+    return _render_slow(value)
+
+
+def _render_slow(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, bool):
@@ -86,6 +95,26 @@ def render(value: Any) -> str:
     if isinstance(value, set | frozenset):
         return ",".join(sorted(render(v) for v in value))
     return str(value)
+
+
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _datetime(value: dt.datetime) -> str:
+    return value.isoformat(sep=" ")
+
+
+# Exact types only (a bool is not an int here, a datetime not a date): the hot path of plan().
+_FAST: dict[type, Callable[[Any], str]] = {
+    str: lambda v: v,
+    int: str,
+    decimal.Decimal: str,
+    float: repr,
+    bytes: _b64,
+    dt.datetime: _datetime,
+    dt.date: dt.date.isoformat,
+}
 
 
 def _render_time(value: dt.timedelta) -> str:
@@ -119,16 +148,30 @@ def tombstone_key(key: str) -> str:
     return f"{key}:tomb" if _HASHTAG.search(key) else f"{{{key}}}:tomb"
 
 
+@functools.lru_cache(maxsize=1024)
+def _template(key: str) -> tuple[tuple[str, str | None], ...]:
+    """``user:{id}`` -> ``(("user:", "id"),)``: literal text, then the column that follows it."""
+    parts: list[tuple[str, str | None]] = []
+    pos = 0
+    for m in _PLACEHOLDER.finditer(key):
+        parts.append((key[pos : m.start()], m.group(1)))
+        pos = m.end()
+    if pos < len(key):
+        parts.append((key[pos:], None))
+    return tuple(parts)
+
+
 def make_key(table: TableCache, values: Mapping[str, Any]) -> str:
     """Fill the key template from ``values`` (pk first, then the row); KeyError if a column lacks."""
-
-    def fill(m: re.Match[str]) -> str:
-        v = values[m.group(1)]
-        if v is None:
-            raise KeyError(m.group(1))
-        return render(v)
-
-    return _PLACEHOLDER.sub(fill, table.key)
+    out: list[str] = []
+    for literal, col in _template(table.key):
+        out.append(literal)
+        if col is not None:
+            v = values[col]
+            if v is None:
+                raise KeyError(col)
+            out.append(render(v))
+    return "".join(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,24 +324,24 @@ class RedisCache:
     def _send(self, writes: Sequence[GuardedWrite]) -> list[Any]:
         assert self.sha is not None
         if isinstance(self.client, redis.Redis):
-            return self._send_packed(writes)
-        pipe = self.client.pipeline(transaction=False)
+            return self._send_packed(self.client, writes)
+        pipe = self.client.pipeline(transaction=False)  # type: ignore[no-untyped-call]
         for w in writes:
             pipe.evalsha(self.sha, 2, w.key, tombstone_key(w.key), *w.argv())
         answers: list[Any] = pipe.execute(raise_on_error=False)
         return answers
 
-    def _send_packed(self, writes: Sequence[GuardedWrite]) -> list[Any]:
+    def _send_packed(self, client: redis.Redis, writes: Sequence[GuardedWrite]) -> list[Any]:
         """The pipeline of a single-node client, packed here: redis-py's generic packer spends
         ~60 us per EVALSHA in Python, :func:`pack_evalsha` about a tenth of that."""
         assert self.sha is not None
         sha = self.sha.encode()
         payload = b"".join(pack_evalsha(sha, w) for w in writes)
-        pool = self.client.connection_pool
-        conn = pool.get_connection()
+        pool = client.connection_pool
+        conn: Any = pool.get_connection()
         answers: list[Any] = []
         try:
-            conn.send_packed_command(payload, check_health=False)
+            conn.send_packed_command([payload], check_health=False)
             for _ in writes:
                 try:
                     answers.append(conn.read_response())

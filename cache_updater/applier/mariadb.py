@@ -161,6 +161,9 @@ class MariaDBReplica:
         self.settings = settings
         self._conn: pymysql.connections.Connection[Any] | None = None
         self._meta: dict[tuple[str, str], TableMeta] = {}
+        # Per-table answers of the settings' globs, cached: fnmatch per row is measurable.
+        self._wants: dict[tuple[str, str], bool] = {}
+        self._policy: dict[tuple[str, str], ConflictPolicy] = {}
         self._schema = sql.qident(settings.state_schema)
 
     # --- connection -------------------------------------------------------------------------
@@ -318,7 +321,11 @@ class MariaDBReplica:
                     for event in txn.events:
                         if event.op not in (Op.INSERT, Op.UPDATE, Op.DELETE):
                             continue
-                        if not self.settings.wants(event.database, event.table):
+                        key = (event.database, event.table)
+                        wanted = self._wants.get(key)
+                        if wanted is None:
+                            wanted = self._wants[key] = self.settings.wants(*key)
+                        if not wanted:
                             continue
                         stats.rows += 1
                         self._apply_row(cur, txn, event, batch, stats)
@@ -336,7 +343,10 @@ class MariaDBReplica:
 
     def _apply_row(self, cur: Any, txn: SourceTxn, ev: ChangeEvent, batch: _Batch, stats: GroupStats) -> None:
         meta = self.table_meta(ev.database, ev.table)
-        policy = self.settings.conflict_policy(ev.database, ev.table)
+        key = (ev.database, ev.table)
+        policy = self._policy.get(key)
+        if policy is None:
+            policy = self._policy[key] = self.settings.conflict_policy(*key)
         pk = dict(ev.pk)
         fast = bool(pk) and not meta.has_unique_secondary and ev.after is not None
         if ev.op == Op.INSERT and fast:

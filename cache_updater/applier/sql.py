@@ -1,9 +1,10 @@
 """Pure SQL building for the applier: quoting, exact literals, idempotent statements.
 
 Values arrive as the exact Python values pymysql returns from SELECT (see :mod:`wmb.values`), so
-pymysql's own escaping writes the same bytes back: ``bytes`` become ``_binary'...'`` (NUL and
-empty strings survive), ``Decimal`` is printed exactly, ``float`` as its shortest repr (a FLOAT
-column rounds it to the same float32), ``timedelta`` keeps its sign and microseconds.
+pymysql's own escaping writes the same bytes back: ``bytes`` become ``_binary X'..'`` (hex: NUL,
+quotes and empty strings survive any sql_mode), ``Decimal`` is printed exactly, ``float`` as its
+shortest repr (a FLOAT column rounds it to the same float32), ``timedelta`` keeps its sign and
+microseconds.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pymysql.converters import escape_item
+from pymysql.converters import escape_item, escape_string
 
 _CHARSET = "utf8mb4"
 
@@ -35,7 +36,12 @@ def adapt(value: Any) -> Any:
 
 
 def lit(value: Any) -> str:
-    """One SQL literal."""
+    """One SQL literal (the two commonest types take a fast path with pymysql's own escaping)."""
+    kind = type(value)
+    if kind is int:
+        return str(value)
+    if kind is str:
+        return "'" + escape_string(value) + "'"
     return str(escape_item(adapt(value), _CHARSET))
 
 

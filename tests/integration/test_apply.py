@@ -58,7 +58,7 @@ def end_offsets(kafka: KafkaServer, topic: str) -> dict[int, int]:
 
 def caught_up(replica: MariaDBServer, settings: ApplySettings, kafka: KafkaServer) -> bool:
     source, topic = settings.topics[0]
-    if not _has_state(replica):
+    if not has_state(replica):
         return False
     rows = replica.query(
         "SELECT kafka_partition, next_offset FROM wmb.wmb_apply_state WHERE source=%s AND topic=%s",
@@ -104,13 +104,13 @@ def fresh(
     for server in (master, replica):
         server.execute(f"DROP DATABASE IF EXISTS `{db}`")
         server.execute("CREATE DATABASE IF NOT EXISTS wmb")
-        server.execute("DELETE FROM wmb.wmb_apply_state WHERE source=%s", source) if _has_state(
+        server.execute("DELETE FROM wmb.wmb_apply_state WHERE source=%s", source) if has_state(
             server
         ) else None
     kafka.create_topic(f"wmb.{source}.changes", partitions=parts, exist_ok=True)
 
 
-def _has_state(server: MariaDBServer) -> bool:
+def has_state(server: MariaDBServer) -> bool:
     return bool(
         server.query(
             "SELECT 1 FROM information_schema.TABLES "
@@ -299,7 +299,7 @@ def test_mixed_workload_group_commit_marker_and_pk_change(
     producer.flush()
     before = (
         mariadb_replica.query("SELECT COALESCE(SUM(txn_count),0) FROM wmb.wmb_apply_marker")
-        if _has_state(mariadb_replica)
+        if has_state(mariadb_replica)
         else [(0,)]
     )
 

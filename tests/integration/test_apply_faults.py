@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,9 @@ from kafka import KafkaProducer
 from cache_updater.applier.testing import Raw, SqlChangeSource, produce, topology_yaml, wait_until
 from cache_updater.apply import CRASH_ENV
 from cache_updater.verify_replica import format_report, verify_replica
-from wmb.servers import KafkaServer, MariaDBServer
+from wmb.servers import KafkaServer, MariaDBServer, free_port
 
-from .test_apply import Running, caught_up, conn_of, fresh, settings_for
+from .test_apply import Running, caught_up, conn_of, fresh, has_state, settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +83,7 @@ def test_kill9_applier_under_load_exactly_once(
         )
     )
     settings = settings_for(source, mariadb_master, mariadb_replica, kafka_gz)
-    marker_before = _marker_count(mariadb_replica) if caught_up(mariadb_replica, settings, kafka_gz) else 0
+    marker_before = _marker_count(mariadb_replica) if has_state(mariadb_replica) else 0
 
     # Load: a producer thread keeps writing source transactions while the applier is killed.
     n_txns = 1200
@@ -98,13 +100,23 @@ def test_kill9_applier_under_load_exactly_once(
     loader = threading.Thread(target=load, daemon=True)
     loader.start()
 
-    def applier(crash_after: int | None) -> subprocess.Popen[bytes]:
+    def applier(crash_after: int | None, *extra: str) -> subprocess.Popen[bytes]:
         env = dict(os.environ, WMB_LOG_LEVEL="WARNING")
         env.pop(CRASH_ENV, None)
         if crash_after is not None:
             env[CRASH_ENV] = str(crash_after)
         return subprocess.Popen(
-            [sys.executable, "-m", "cache_updater.apply_cli", "apply", "--dc", "gz", "--topology", str(topo)],
+            [
+                sys.executable,
+                "-m",
+                "cache_updater.apply_cli",
+                "apply",
+                "--dc",
+                "gz",
+                "--topology",
+                str(topo),
+                *extra,
+            ],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -130,8 +142,14 @@ def test_kill9_applier_under_load_exactly_once(
     assert kills >= 5
     wait_until(done.is_set, timeout_s=300, what="load finished")
     # A clean run to the end, stopped with SIGTERM (exit 0).
-    proc = applier(None)
+    port = free_port()
+    proc = applier(None, "--metrics-port", str(port))
     wait_until(lambda: caught_up(mariadb_replica, settings, kafka_gz), timeout_s=300, what="caught up")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+        health = json.loads(resp.read())
+    assert resp.status == 200 and health["connected"] and health["lag_s"] is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert b"wmb_apply_rows_total" in resp.read()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
 
@@ -158,11 +176,15 @@ def test_kill9_replica_under_load(
     settings = settings_for(source, mariadb_master, replica, kafka_gz, group_max_txns=5, connect_timeout_s=2)
     running = Running(settings)
     n_txns = 800
+    kills = 0
     for i in range(n_txns):
         produce(producer, topic, sim.txn(_txn_ops(db, i)))
         if i in (250, 550):
             producer.flush()
+            # the previous kill was noticed (and healed) before the next one
+            wait_until(lambda k=kills: running.runner.status.recoveries >= k, what="previous kill noticed")
             wait_until(lambda: running.runner.status.txns > 5, what="applier busy")
+            kills += 1
             replica.kill()  # kill -9 of mariadbd under load
             time.sleep(1.0)
             replica.start()

@@ -304,9 +304,12 @@ from cache_updater.cache_daemon import CacheDaemon
 from cache_updater.cache_settings import CacheSettings, RedisSettings, TableCache
 from wmb.runtime import StopToken
 c = orjson.loads(sys.argv[1])
-tables = {k: tuple(TableCache(**{**t, "primary_key": tuple(t["primary_key"]),
-          "columns": tuple(t["columns"]) if t["columns"] else None}) for t in v) for k, v in c["tables"].items()}
-s = CacheSettings(**{**c, "topics": tuple(c["topics"]), "tables": tables, "redis": RedisSettings(**c["redis"])})
+def table(t):
+    cols = tuple(t["columns"]) if t["columns"] else None
+    return TableCache(**{**t, "primary_key": tuple(t["primary_key"]), "columns": cols})
+tables = {k: tuple(table(t) for t in v) for k, v in c["tables"].items()}
+redis_settings = RedisSettings(**c["redis"])
+s = CacheSettings(**{**c, "topics": tuple(c["topics"]), "tables": tables, "redis": redis_settings})
 CacheDaemon(s, stop=StopToken().install()).run()
 """
 
@@ -340,7 +343,9 @@ def test_kill_9_daemon_under_load_then_restart(
     proc = _spawn(settings, tmp_path / "daemon.log")
     try:
         produce(kafka_gz, topic, [history.txn(8, 400, 20) for _ in range(400)], f"tx-{source}")
-        wait_until(lambda: next(redis_gz.client().scan_iter(match=f"{db}:user:*"), None) is not None, what="writes")
+        wait_until(
+            lambda: next(redis_gz.client().scan_iter(match=f"{db}:user:*"), None) is not None, what="writes"
+        )
         proc.kill()  # SIGKILL mid-stream: no flush, no commit
         proc.wait()
         produce(kafka_gz, topic, [history.txn(8, 400, 20) for _ in range(400)], f"tx-{source}")

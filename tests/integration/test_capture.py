@@ -168,6 +168,7 @@ def test_mixed_workload_exactly_the_expected_events(mariadb_master: Any, kafka_b
     expected = [(*r[:-1], r[-1] if r[3] is Op.DDL else None) for r in w.expected]
     # DDL "drop" comes from the server with a trailing comment; compare DDL by prefix.
     from collections import Counter
+
     assert Counter(r[0] for r in got) == Counter(r[0] for r in expected)
     for g, e in zip(got, expected, strict=True):
         if e[3] is Op.DDL:
@@ -224,7 +225,8 @@ def test_filters_and_masks_apply_before_anything_leaves(mariadb_master: Any, kaf
     for d in (db, other):
         mariadb_master.execute(f"CREATE DATABASE {d}")
     mariadb_master.execute(
-        f"CREATE TABLE {db}.users (id INT PRIMARY KEY, email VARCHAR(64), phone VARCHAR(20), password VARCHAR(64))"
+        f"CREATE TABLE {db}.users (id INT PRIMARY KEY, email VARCHAR(64), phone VARCHAR(20),"
+        " password VARCHAR(64))"
     )
     mariadb_master.execute(f"CREATE TABLE {db}.secret (id INT PRIMARY KEY, v INT)")
     mariadb_master.execute(f"CREATE TABLE {other}.t (id INT PRIMARY KEY)")
@@ -253,3 +255,63 @@ def test_filters_and_masks_apply_before_anything_leaves(mariadb_master: Any, kaf
     assert dict(ins.after or {}) == {"id": 1, "email": digest, "phone": None}
     assert "password" not in ins.columns
     assert dict(upd.before or {})["email"] == digest and dict(upd.after or {})["email"] is None
+
+
+def test_binlog_connection_loss_resumes_after_last_complete_transaction(
+    mariadb_master: Any, kafka_bj: Any
+) -> None:
+    """Kill the server side of the replication connection mid-stream, repeatedly (library issue #252:
+    a reconnect inside a transaction must neither skip nor repeat any part of it)."""
+    import threading
+    import time
+
+    db, source = _name("rc"), _name("reconnect")
+    mariadb_master.execute(f"CREATE DATABASE {db}")
+    mariadb_master.execute(f"CREATE TABLE {db}.t (id INT PRIMARY KEY, v VARCHAR(200))")
+    settings = settings_for(mariadb_master, kafka_bj, source, include=(f"{db}.*",), partitions=2)
+    committed: dict[str, int] = {}
+    halt = threading.Event()
+
+    def load() -> None:
+        conn = mariadb_master.connect(autocommit=False)
+        next_id = 0
+        with conn.cursor() as cur:
+            while not halt.is_set():
+                n = 2000 if next_id % 7 == 0 else 3
+                cur.executemany(
+                    f"INSERT INTO {db}.t VALUES (%s, %s)", [(next_id + i, "v" * 150) for i in range(n)]
+                )
+                next_id += n
+                conn.commit()
+                cur.execute("SELECT @@last_gtid")
+                committed[str(cur.fetchone()[0])] = n
+        conn.close()
+
+    with running(settings, start="now"):
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        kills = 0
+        deadline = time.monotonic() + 60
+        while kills < 6 and time.monotonic() < deadline:
+            time.sleep(0.4)
+            for row in mariadb_master.query("SHOW PROCESSLIST"):
+                if row[4] == "Binlog Dump" and row[1] == mariadb_master.user:
+                    mariadb_master.execute(f"KILL CONNECTION {int(row[0])}")
+                    kills += 1
+        halt.set()
+        worker.join(30)
+        expected = dict(committed)
+        events = read_events(
+            kafka_bj.bootstrap,
+            source,
+            until=lambda evs: sum(e.op is Op.INSERT for _, e in evs) >= sum(expected.values()),
+            timeout_s=180,
+        )
+    assert kills >= 3
+    rows = [e for _, e in events if e.op is Op.INSERT]
+    keys = [(e.txn.id, e.txn.seq) for e in rows]
+    assert len(keys) == len(set(keys)), "an event appears twice"
+    per_txn: dict[str, int] = defaultdict(int)
+    for e in rows:
+        per_txn[e.txn.id] += 1
+    assert dict(per_txn) == expected

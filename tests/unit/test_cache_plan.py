@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
+from typing import Any
 
 import orjson
 import pytest
@@ -22,7 +23,13 @@ from cache_updater.verify_cache import _pattern
 from wmb.event import ChangeEvent, Op, Position, TxnInfo, Version
 
 
-def ev(op: Op, pk: dict, before: dict | None = None, after: dict | None = None, seq: int = 5) -> ChangeEvent:
+def ev(
+    op: Op,
+    pk: dict[str, Any],
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+    seq: int = 5,
+) -> ChangeEvent:
     return ChangeEvent(
         source="s1",
         origin="bj",

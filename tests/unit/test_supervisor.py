@@ -38,7 +38,9 @@ def _run(sup: Supervisor, until: object, timeout_s: float = 30.0) -> int:
 def test_crashed_child_is_restarted_but_operator_exit_codes_are_not(tmp_path: Path) -> None:
     crashing = _script(tmp_path, "crashing", "import sys; sys.exit(1)\n")
     fenced = _script(tmp_path, "fenced", f"import sys; sys.exit({int(ExitCode.FENCED)})\n")
-    sup = Supervisor([crashing, fenced], wmb_argv=(sys.executable,), initial_backoff_s=0.01, max_backoff_s=0.05)
+    sup = Supervisor(
+        [crashing, fenced], wmb_argv=(sys.executable,), initial_backoff_s=0.01, max_backoff_s=0.05
+    )
     _run(sup, lambda: sup.children[0].restarts >= 3 and sup.children[1].final_code is not None)
     assert sup.children[0].restarts >= 3
     assert sup.children[0].final_code is None

@@ -1,0 +1,126 @@
+"""Faults under load, then gz must hold exactly the bj sequence: kill -9 of the relay, link cuts
+(blackhole and reset), a restart of the destination Kafka."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.testing import (
+    RelayProcess,
+    RelayThread,
+    TxnWorkload,
+    count,
+    new_changes_topic,
+    read_topic,
+    relay_settings_for,
+    values,
+    wait_mirrored,
+    wait_until,
+)
+from wmb.linkemu import LinkEmulator
+from wmb.servers import KafkaServer, ServerPool
+
+pytestmark = pytest.mark.integration
+
+
+def assert_exact_mirror(src: str, dst: str, topic: str) -> None:
+    wait_mirrored(src, dst, topic)
+    src_values, dst_values = values(read_topic(src, topic)), values(read_topic(dst, topic))
+    for part in src_values:
+        assert len(dst_values[part]) == len(src_values[part]), f"partition {part}: count differs"
+        assert dst_values[part] == src_values[part], f"partition {part}: order or content differs"
+    assert not any(b"ABORTED" in v for vs in dst_values.values() for v in vs)
+
+
+def test_kill9_relay_five_times_under_load(
+    kafka_bj: KafkaServer, kafka_gz: KafkaServer, link_bj_gz: LinkEmulator, tmp_path: Path
+) -> None:
+    topic = new_changes_topic(kafka_bj, partitions=3)
+    s = relay_settings_for(kafka_bj, kafka_gz, topic)
+    work = TxnWorkload(kafka_bj.bootstrap, topic, 3, batch=30, abort_every=4, pause_s=0.02).start()
+    rng = random.Random(5)
+    try:
+        for i in range(5):
+            relay = RelayProcess(s, tmp_path, f"relay{i}").start()
+            before = count(read_topic(kafka_gz.bootstrap, topic)) if i else 0
+            wait_until(
+                lambda b=before: count(read_topic(kafka_gz.bootstrap, topic)) > b,
+                120,
+                f"progress of relay {i}",
+            )
+            time.sleep(rng.uniform(0.2, 2.0))  # kill at a random point, often mid-transaction
+            relay.kill9()
+        work.stop()
+        with_final = RelayProcess(s, tmp_path, "final").start()
+        try:
+            assert_exact_mirror(kafka_bj.bootstrap, kafka_gz.bootstrap, topic)
+        finally:
+            assert with_final.terminate() == 0, with_final.log()[-3000:]
+    finally:
+        work._stop.set()
+
+
+def _cut_under_load(
+    kafka_bj: KafkaServer, kafka_gz: KafkaServer, link: LinkEmulator, mode: str, cut_s: float
+) -> None:
+    topic = new_changes_topic(kafka_bj, partitions=2)
+    s = relay_settings_for(kafka_bj, kafka_gz, topic)
+    work = TxnWorkload(kafka_bj.bootstrap, topic, 2, batch=40, abort_every=5, pause_s=0.05).start()
+    try:
+        with RelayThread(s) as relay:
+            wait_until(lambda: relay.relay.shipped > 200, 120, "relay flowing")
+            link.cut(mode)  # type: ignore[arg-type]
+            cut_at = time.monotonic()
+            wait_until(lambda: not relay.relay.health()[1]["link_up"], 120, "link_down detected")
+            assert relay.relay.metrics.link_up._value.get() == 0
+            time.sleep(max(0.0, cut_s - (time.monotonic() - cut_at)))
+            link.heal()
+            wait_until(lambda: relay.relay.health()[1]["link_up"], 120, "link_up after heal")
+            work.stop()
+            assert_exact_mirror(kafka_bj.bootstrap, kafka_gz.bootstrap, topic)
+            assert relay.alive and relay.error is None
+    finally:
+        work._stop.set()
+        link.heal()
+
+
+@pytest.mark.parametrize("mode", ["blackhole", "reset"])
+def test_link_cut_under_load(
+    kafka_bj: KafkaServer, kafka_gz: KafkaServer, link_bj_gz: LinkEmulator, mode: str
+) -> None:
+    """A bounded cut for CI (12 s: longer than the probe timeout, so the cut is noticed)."""
+    _cut_under_load(kafka_bj, kafka_gz, link_bj_gz, mode, 12.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cut_s", [60.0, 300.0])
+@pytest.mark.parametrize("mode", ["blackhole", "reset"])
+def test_long_link_cut_under_load(
+    kafka_bj: KafkaServer, kafka_gz: KafkaServer, link_bj_gz: LinkEmulator, mode: str, cut_s: float
+) -> None:
+    _cut_under_load(kafka_bj, kafka_gz, link_bj_gz, mode, cut_s)
+
+
+def test_destination_kafka_restart_under_load(
+    kafka_bj: KafkaServer, link_bj_gz: LinkEmulator, server_factory: ServerPool
+) -> None:
+    gz = server_factory.kafka(name="gz_private")
+    topic = new_changes_topic(kafka_bj, partitions=2)
+    s = relay_settings_for(kafka_bj, gz, topic)
+    work = TxnWorkload(kafka_bj.bootstrap, topic, 2, batch=40, abort_every=5, pause_s=0.05).start()
+    try:
+        with RelayThread(s) as relay:
+            wait_until(lambda: relay.relay.shipped > 200, 120, "relay flowing")
+            gz.kill()
+            time.sleep(3)
+            gz.restart()
+            wait_until(lambda: relay.relay.metrics.local_resets._value.get() >= 1, 120, "local reset")
+            work.stop()
+            assert_exact_mirror(kafka_bj.bootstrap, gz.bootstrap, topic)
+            assert relay.alive and relay.error is None
+    finally:
+        work._stop.set()
