@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--keys", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=5000)
+    ap.add_argument("--kafka", action="store_true", help="also time the daemon from a real Kafka topic")
     args = ap.parse_args()
 
     evs = events(args.events, args.keys)
@@ -155,9 +156,46 @@ def main() -> None:
                 f"(vs redis-py pipelined SET {g_json / b_set_rp:.2f}, HSET {g_hash / b_hset:.2f})"
             )
             print(f"target guard >= 50000 events/s: {'MET' if min(g_hash, g_json) >= 50_000 else 'NOT MET'}")
+            if args.kafka:
+                client.flushall()
+                daemon_rate(Path(tmp), server, raw, n)
             client.close()
         finally:
             server.stop()
+
+
+def daemon_rate(tmp: Path, redis_server: RedisServer, raw: list[bytes], n: int) -> None:
+    """The whole daemon: Kafka (read_committed) -> decode -> plan -> guard -> commit."""
+    from kafka import KafkaProducer
+
+    from cache_updater.cache_daemon import CacheDaemon
+    from cache_updater.cache_settings import CacheSettings, RedisSettings
+    from wmb.servers import KafkaServer
+
+    kafka = KafkaServer(tmp / "kafka").start()
+    try:
+        kafka.create_topic("wmb.bench.changes", partitions=4)
+        producer = KafkaProducer(
+            bootstrap_servers=kafka.bootstrap, transactional_id="bench", linger_ms=20, batch_size=256 * 1024
+        )
+        producer.init_transactions()
+        for i in range(0, len(raw), 5000):
+            producer.begin_transaction()
+            for value in raw[i : i + 5000]:
+                producer.send("wmb.bench.changes", value=value, key=value[-8:])
+            producer.commit_transaction()
+        producer.close()
+        table = TableCache(table="app.users", key="user:{id}", primary_key=("id",))
+        settings = CacheSettings(
+            dc="bench",
+            bootstrap=kafka.bootstrap,
+            topics=("wmb.bench.changes",),
+            tables={"app.users": (table,)},
+            redis=RedisSettings(url=redis_server.url),
+        )
+        timed("daemon: Kafka -> guard -> commit", n, lambda: CacheDaemon(settings).run(max_idle_polls=5))
+    finally:
+        kafka.stop()
 
 
 if __name__ == "__main__":

@@ -81,7 +81,12 @@ def bare(db: MariaDBServer, start: str, rows: int) -> float:
 
 
 def capture(
-    db: MariaDBServer, kafka: KafkaServer | None, start: str, rows: int, source: str
+    db: MariaDBServer,
+    kafka: KafkaServer | None,
+    start: str,
+    rows: int,
+    source: str,
+    commit_interval_ms: int = 10,
 ) -> tuple[float, list[float]]:
     settings = CaptureSettings(
         source=source,
@@ -93,6 +98,7 @@ def capture(
         kafka_bootstrap=kafka.bootstrap if kafka else "",
         server_id=777002,
         partitions=1,
+        commit_interval_ms=commit_interval_ms,
     )
     builder = EventBuilder(settings)
     reader = TxnReader(
@@ -128,7 +134,9 @@ def capture(
                 sink.begin()
                 batch_t0 = time.perf_counter()
             for m in msgs:
-                sink.send(encode(m.event), key_of(m.event, "database"), m.partition, headers_of(m.event))
+                key = key_of(m.event, "database")
+                part = m.partition if m.partition is not None else sink.partition_for(key)
+                sink.send(encode(m.event), key, part, headers_of(m.event))
         else:
             for m in msgs:
                 encode(m.event)
@@ -160,6 +168,7 @@ def main() -> None:
     ap.add_argument("--big-txns", type=int, default=100, help="500-row transactions")
     ap.add_argument("--small-txns", type=int, default=10_000, help="1-row transactions")
     ap.add_argument("--repeat", type=int, default=3, help="best of N")
+    ap.add_argument("--commit-interval-ms", type=int, default=10, help="Kafka transaction cadence")
     args = ap.parse_args()
     values.install_library_fixes()
     with tempfile.TemporaryDirectory(prefix="wmb-bench-") as tmp:
@@ -174,7 +183,10 @@ def main() -> None:
                 start, _end, rows = write_workload(db, schema, txns, per)
                 b = max(bare(db, start, rows) for _ in range(args.repeat))
                 c0 = max(capture(db, None, start, rows, f"bench{schema}0")[0] for _ in range(args.repeat))
-                runs = [capture(db, kafka, start, rows, f"bench{schema}{i}") for i in range(args.repeat)]
+                runs = [
+                    capture(db, kafka, start, rows, f"bench{schema}{i}", args.commit_interval_ms)
+                    for i in range(args.repeat)
+                ]
                 ck = max(r[0] for r in runs)
                 lat = sorted(x for r in runs for x in r[1])
                 p50 = statistics.median(lat) * 1000 if lat else float("nan")

@@ -34,7 +34,7 @@ from binlog_capture.reader import (
 from binlog_capture.settings import CaptureSettings
 from binlog_capture.sink import Checkpoint, KafkaTxnSink
 from wmb import codec, log, topics, values
-from wmb.errors import ConfigError, FencedError, GaveUpError, PreflightError, WmbError
+from wmb.errors import ConfigError, ExitCode, FencedError, GaveUpError, PreflightError, WmbError
 from wmb.event import Gtid
 from wmb.runtime import MetricsServer, StopToken, io_retry
 
@@ -101,6 +101,7 @@ class CaptureDaemon:
         self._reader_thread: threading.Thread | None = None
         self._master_server_id = 0
         self.last_checkpoint: Checkpoint | None = None
+        self.metrics_port: int | None = None  # the bound port once serving (settings may say 0)
         self.started = threading.Event()  # set once streaming (tests wait on it)
         self._log = _log.bind(source=settings.source)
 
@@ -147,6 +148,7 @@ class CaptureDaemon:
             metrics_server = MetricsServer(
                 self.s.metrics_port, self.health, registry=self.metrics.registry
             ).start()
+            self.metrics_port = metrics_server.port
         hb: heartbeat.HeartbeatWriter | None = None
         try:
             conn = self._with_retry("mysql connect", self.connect, _MYSQL_RETRYABLE)
@@ -339,7 +341,9 @@ class CaptureDaemon:
                             ev = m.event
                             value = encode(ev)
                             pending_bytes += len(value)
-                            sink.send(value, key_of(ev, ordering), m.partition, headers_of(ev))
+                            key = key_of(ev, ordering)
+                            part = m.partition if m.partition is not None else sink.partition_for(key)
+                            sink.send(value, key, part, headers_of(ev))
                         pending_events += len(msgs)
                         pending_txns += 1
                     last_txn = txn
@@ -408,4 +412,9 @@ def run_daemon(
     except WmbError as exc:
         _log.error("capture_failed", source=settings.source, error=str(exc), exit_code=int(exc.exit_code))
         return int(exc.exit_code)
+    except Exception:
+        # Unexpected (e.g. a Kafka error past the client's own retries): the open Kafka transaction
+        # is aborted by the next instance's init_transactions, which resumes from the checkpoint.
+        _log.exception("capture_crashed", source=settings.source, exit_code=int(ExitCode.ERROR))
+        return int(ExitCode.ERROR)
     return 0

@@ -14,6 +14,8 @@ middle of a transaction can skip or repeat parts of it).  So this module:
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -275,11 +277,18 @@ class TxnReader:
     def _close_stream(self) -> None:
         with self._lock:
             stream, self._stream = self._stream, None
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception as exc:
-                _log.debug("binlog_stream_close_failed", error=repr(exc))
+        if stream is None:
+            return
+        # A graceful pymysql close (COM_QUIT) blocks while another thread sits in a read on the same
+        # socket; shut the socket down first so that read fails at once and close cannot hang.
+        sock = getattr(getattr(stream, "_stream_connection", None), "_sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        try:
+            stream.close()
+        except Exception as exc:
+            _log.debug("binlog_stream_close_failed", error=repr(exc))
 
     # -- transactions -----------------------------------------------------------------------------
     def transactions(self) -> Iterator[SourceTxn]:

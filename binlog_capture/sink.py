@@ -19,6 +19,7 @@ import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kerr
 from kafka.admin import NewTopic
+from kafka.partitioner.default import murmur2
 
 from wmb import log
 from wmb.errors import FencedError, WmbError
@@ -83,6 +84,7 @@ class KafkaTxnSink:
         self.source = source
         self._producer: KafkaProducer | None = None
         self._in_txn = False
+        self._partition_cache: dict[bytes, int] = {}
 
     # -- setup --------------------------------------------------------------------------------------
     def ensure_topics(self) -> int:
@@ -125,6 +127,7 @@ class KafkaTxnSink:
                 "partition_count_differs", topic=self.changes_topic, configured=self.partitions, actual=count
             )
         self.partitions = count
+        self._partition_cache.clear()
         return count
 
     def start(self) -> None:
@@ -194,6 +197,16 @@ class KafkaTxnSink:
     def in_transaction(self) -> bool:
         return self._in_txn
 
+    def partition_for(self, key: bytes) -> int:
+        """Kafka's default (murmur2) partition of ``key``, memoized: keys repeat (a database, a
+        table), and the library's pure-Python murmur2 per message is a measurable cost."""
+        p = self._partition_cache.get(key)
+        if p is None:
+            p = (murmur2(key) & 0x7FFFFFFF) % self.partitions
+            if len(self._partition_cache) < 100_000:
+                self._partition_cache[key] = p
+        return p
+
     def send(
         self,
         value: bytes,
@@ -232,7 +245,7 @@ class KafkaTxnSink:
             self._in_txn = False
             self._call(self._producer.abort_transaction)
 
-    def close(self, timeout_s: float = 5.0) -> None:
+    def close(self, timeout_s: float = 1.0) -> None:
         if self._producer is not None:
             try:
                 self._producer.close(timeout=timeout_s)

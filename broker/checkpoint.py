@@ -7,6 +7,8 @@ committed checkpoint says exactly which source offsets are in the destination.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import orjson
 from kafka import TopicPartition
 
@@ -36,7 +38,7 @@ def parse_value(raw: bytes) -> int:
     return offset
 
 
-def fold(records: list[tuple[bytes | None, bytes | None]], route: str) -> Checkpoints:
+def fold(records: Sequence[tuple[bytes | None, bytes | None]], route: str) -> Checkpoints:
     """The latest checkpoint per partition of ``route`` from (key, value) records in offset order."""
     out: Checkpoints = {}
     for raw_key, raw_value in records:

@@ -96,30 +96,3 @@ def bootstrap(dc: str, topology_path: str, server: str | None, dump_file: str | 
     else:
         click.echo(result.describe())
     sys.exit(int(ExitCode.OK))
-
-
-def main() -> None:
-    """``python -m cache_updater.apply_cli apply|bootstrap ...`` (the same commands as ``wmb``)."""
-    from wmb.errors import WmbError
-
-    @click.group()
-    @click.option("--log-level", default="INFO", envvar="WMB_LOG_LEVEL")
-    def group(log_level: str) -> None:
-        log.configure(log_level, None)
-
-    from cache_updater.verify_replica import verify
-
-    for command in (apply, bootstrap, verify):
-        group.add_command(command)
-    try:
-        group(standalone_mode=False)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        sys.exit(int(ExitCode.CONFIG))
-    except WmbError as exc:
-        click.echo(f"wmb: {exc}", err=True)
-        sys.exit(int(exc.exit_code))
-
-
-if __name__ == "__main__":
-    main()

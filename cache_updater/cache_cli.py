@@ -11,7 +11,6 @@ import orjson
 from cache_updater import dlq
 from cache_updater.cache_settings import settings_from_topology
 from wmb import log, topics
-from wmb.errors import ExitCode
 from wmb.runtime import MetricsServer, StopToken
 
 _log = log.get("cache_updater.cli")
@@ -107,19 +106,3 @@ def dlq_replay(
     finally:
         producer.close()
     click.echo(f"replayed {sent} record(s)")
-
-
-@click.command("verify-caches")
-@click.option("--dc", required=True)
-@click.option(
-    "--topology", "topology_path", default="topology.yaml", show_default=True, envvar="WMB_TOPOLOGY"
-)
-@click.option("--json", "as_json", is_flag=True)
-def verify_caches_cmd(dc: str, topology_path: str, as_json: bool) -> None:
-    """Compare every cached key with the master's row; exit 8 (MISMATCH) on a difference."""
-    from cache_updater.verify_cache import format_report, verify_caches
-
-    report = verify_caches(_load(topology_path), dc)
-    click.echo(orjson.dumps(report.as_json()).decode() if as_json else format_report(report))
-    if not report.ok:
-        sys.exit(ExitCode.MISMATCH)

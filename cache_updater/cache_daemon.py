@@ -257,7 +257,8 @@ class CacheDaemon:
                 for tp, records in batch.items():
                     for rec in records:
                         self._take(tp, rec)
-                idle = 0 if batch else idle + 1
+                # Idle polls count only once we own partitions (a group join also polls empty).
+                idle = 0 if batch or not self._consumer.assignment() else idle + 1
                 for tp, st in self._parts.items():
                     if st.open is not None and tp not in batch:
                         # Nothing more of this partition is readable now.  read_committed shows a
@@ -348,7 +349,6 @@ class CacheDaemon:
 
     def _dead_letter(self, rec: Any, reason: str, detail: str) -> None:
         if self._producer is None:
-            dlq.ensure_topic(self.settings.bootstrap, self.settings.dc)
             self._producer = dlq.make_producer(self.settings.bootstrap)
         dlq.send_to_dlq(self._producer, self.settings.dc, rec, reason, detail, stage="cache")
         self._dlq_pending = True

@@ -43,6 +43,8 @@ H_PARTITION = "wmb-dlq-partition"
 H_OFFSET = "wmb-dlq-offset"
 _OWN = (H_REASON, H_DETAIL, H_STAGE, H_TOPIC, H_PARTITION, H_OFFSET)
 
+_ensured: set[tuple[int, str]] = set()
+
 # Header put on a record that ``wmb dlq replay`` re-injected: "<dlq topic>:<dlq offset>".
 H_REPLAYED_FROM = "wmb-replayed-from"
 
@@ -112,9 +114,14 @@ def send_to_dlq(
 ) -> Any:
     """Park ``record`` (its original key and value) in the dead-letter topic of ``dc``.
 
-    Returns the producer future.  The caller must ``producer.flush()`` before committing the
-    consumer offset past ``record``.
+    Creates the dead-letter topic on first use.  Returns the producer future.  The caller must
+    ``producer.flush()`` before committing the consumer offset past ``record``.
     """
+    ensured = (id(producer), dc)
+    if ensured not in _ensured:
+        # Brokers may run with auto.create.topics.enable=false: create the topic on first use.
+        ensure_topic(producer.config["bootstrap_servers"], dc)
+        _ensured.add(ensured)
     _log.warning(
         "dead_letter",
         reason=reason,

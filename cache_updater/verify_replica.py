@@ -12,20 +12,17 @@ Tables without a primary key are one chunk (and a multiset diff on drill-down).
 from __future__ import annotations
 
 import fnmatch
-import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import click
 import orjson
 import pymysql
 
 from cache_updater.applier.sql import lit, qident, qtable
 from cache_updater.apply_settings import ReplicaConn
-from wmb.errors import ExitCode
 
 SYSTEM_SCHEMAS = frozenset({"mysql", "information_schema", "performance_schema", "sys"})
 
@@ -87,7 +84,7 @@ class VerifyReport:
         return {"ok": self.ok, "tables": [t.as_json() for t in self.tables]}
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return "0x" + value.hex()
     return str(value)
@@ -96,7 +93,7 @@ def _jsonable(value: Any) -> Any:
 def format_report(report: VerifyReport, as_json: bool = False) -> str:
     """Human text (or JSON) of a report."""
     if as_json:
-        return orjson.dumps(report.as_json(), default=_jsonable).decode()
+        return orjson.dumps(report.as_json(), default=jsonable).decode()
     lines: list[str] = []
     for t in report.tables:
         status = "OK" if t.ok else "MISMATCH"
@@ -105,7 +102,7 @@ def format_report(report: VerifyReport, as_json: bool = False) -> str:
             f"{t.chunks} chunks, {t.mismatched_chunks} differ" + (f" ({t.error})" if t.error else "")
         )
         for d in t.diffs:
-            pk = orjson.dumps(d.pk, default=_jsonable).decode()
+            pk = orjson.dumps(d.pk, default=jsonable).decode()
             if d.kind == "different":
                 cols = ", ".join(
                     f"{c}: master={_show(d.master, c)} replica={_show(d.replica, c)}" for c in d.columns
@@ -222,7 +219,7 @@ def _diff_rows(
     if not pk:
 
         def key(r: dict[str, Any]) -> bytes:
-            return orjson.dumps([r[c] for c in cols], default=_jsonable)
+            return orjson.dumps([r[c] for c in cols], default=jsonable)
 
         cm, cr = Counter(key(r) for r in master), Counter(key(r) for r in replica)
         by_key = {key(r): r for r in master + replica}
@@ -232,7 +229,7 @@ def _diff_rows(
     m = {tuple(r[c] for c in pk): r for r in master}
     r_ = {tuple(r[c] for c in pk): r for r in replica}
     out: list[RowDiff] = []
-    for k in sorted(m.keys() | r_.keys(), key=lambda t: orjson.dumps(list(t), default=_jsonable)):
+    for k in sorted(m.keys() | r_.keys(), key=lambda t: orjson.dumps(list(t), default=jsonable)):
         pkd = dict(zip(pk, k, strict=True))
         a, b = m.get(k), r_.get(k)
         if b is None:
@@ -306,33 +303,3 @@ def verify_replica(
         for full in list_tables(m, tables, exclude_schemas):
             report.tables.append(verify_table(m, r, full, chunk_size, max_diffs))
     return report
-
-
-@click.command("verify")
-@click.option("--dc", required=True, help="Datacenter whose replica to compare with the master.")
-@click.option(
-    "--topology", "topology_path", default="topology.yaml", show_default=True, envvar="WMB_TOPOLOGY"
-)
-@click.option("--server", default=None, help="Replica server name when the datacenter has several.")
-@click.option(
-    "--table", "tables", multiple=True, help="db.table glob (repeatable); default: the replica's tables."
-)
-@click.option("--chunk-size", default=1000, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(
-    dc: str, topology_path: str, server: str | None, tables: tuple[str, ...], chunk_size: int, as_json: bool
-) -> None:
-    """Compare DC's replica with the master; exit 0 if identical, 8 on a mismatch."""
-    from cache_updater.apply_cli import load_settings
-
-    settings = load_settings(topology_path, dc, server)
-    assert settings.master is not None
-    report = verify_replica(
-        settings.master,
-        settings.replica,
-        tables or settings.tables,
-        chunk_size=chunk_size,
-        exclude_schemas=(settings.state_schema,),
-    )
-    click.echo(format_report(report, as_json))
-    sys.exit(int(ExitCode.OK if report.ok else ExitCode.MISMATCH))

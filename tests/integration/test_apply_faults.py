@@ -109,7 +109,7 @@ def test_kill9_applier_under_load_exactly_once(
             [
                 sys.executable,
                 "-m",
-                "cache_updater.apply_cli",
+                "wmb.cli",
                 "apply",
                 "--dc",
                 "gz",

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cache_updater.cache_cli import verify_caches_cmd
 from cache_updater.verify_cache import verify_caches
+from cache_updater.verify_cli import verify
 from wmb.servers import KafkaServer, MariaDBServer, RedisServer, free_port
 from wmb.topology import load_topology
 
@@ -96,12 +96,12 @@ def test_cache_command_health_sigterm_and_verify(
             proc.wait()
         log.close()
 
-    ok = CliRunner().invoke(verify_caches_cmd, ["--dc", "gz", "--topology", str(path), "--json"])
+    ok = CliRunner().invoke(verify, ["--dc", "gz", "--caches", "--topology", str(path), "--json"])
     assert ok.exit_code == 0, ok.output
     client = redis_gz.client()
     key = next(iter(client.scan_iter(match=f"{db}:u:*")))
     client.hset(key, "name", "corrupted")
     client.close()
-    bad = CliRunner().invoke(verify_caches_cmd, ["--dc", "gz", "--topology", str(path)])
+    bad = CliRunner().invoke(verify, ["--dc", "gz", "--caches", "--topology", str(path)])
     assert bad.exit_code == 8, bad.output
     assert key.decode() in bad.output and "mismatched" in bad.output

@@ -315,3 +315,37 @@ def test_binlog_connection_loss_resumes_after_last_complete_transaction(
     for e in rows:
         per_txn[e.txn.id] += 1
     assert dict(per_txn) == expected
+
+
+def test_metrics_and_health_endpoint(mariadb_master: Any, kafka_bj: Any) -> None:
+    import time
+    import urllib.request
+
+    import orjson
+
+    source = _name("metrics")
+    settings = settings_for(mariadb_master, kafka_bj, source, metrics_port=0, partitions=2)
+    with running(settings, start="now") as daemon:
+        assert daemon.metrics_port
+        base = f"http://127.0.0.1:{daemon.metrics_port}"
+        deadline = time.monotonic() + 60
+        text = ""
+        while time.monotonic() < deadline:
+            text = urllib.request.urlopen(f"{base}/metrics").read().decode()
+            if f'wmb_capture_kafka_commit_seconds_count{{source="{source}"}}' in text and (
+                f'wmb_capture_events_total{{source="{source}"}} 0.0' not in text
+            ):
+                break
+            time.sleep(0.3)
+        for name in (
+            "wmb_capture_events_total",
+            "wmb_capture_transactions_total",
+            "wmb_capture_bytes_total",
+            "wmb_capture_last_gtid_seq",
+            "wmb_capture_last_info",
+            "wmb_capture_seconds_behind_source",
+            "wmb_capture_kafka_commit_seconds_bucket",
+        ):
+            assert name in text, name
+        health = orjson.loads(urllib.request.urlopen(f"{base}/health").read())
+        assert health["ok"] is True and health["reader_alive"] is True

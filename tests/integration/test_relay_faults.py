@@ -115,10 +115,13 @@ def test_destination_kafka_restart_under_load(
     try:
         with RelayThread(s) as relay:
             wait_until(lambda: relay.relay.shipped > 200, 120, "relay flowing")
-            gz.kill()
+            shipped = relay.relay.shipped
+            gz.kill()  # kill -9: open transactions die with it
             time.sleep(3)
             gz.restart()
-            wait_until(lambda: relay.relay.metrics.local_resets._value.get() >= 1, 120, "local reset")
+            # kafka-python's transactional producer usually rides through the restart; when it does
+            # not, the relay aborts, re-reads the checkpoint and re-seeks (metrics.local_resets)
+            wait_until(lambda: relay.relay.shipped > shipped + 200, 180, "relay flowing after the restart")
             work.stop()
             assert_exact_mirror(kafka_bj.bootstrap, gz.bootstrap, topic)
             assert relay.alive and relay.error is None

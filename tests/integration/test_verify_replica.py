@@ -70,7 +70,7 @@ def test_verify_finds_differences(
             kafka_bootstrap=kafka_gz.bootstrap, master=m, replica=r, source="apverify", tables=[f"{db}.*"]
         )
     )
-    cmd = [sys.executable, "-m", "cache_updater.apply_cli", "verify", "--dc", "gz", "--topology", str(topo)]
+    cmd = [sys.executable, "-m", "wmb.cli", "verify", "--dc", "gz", "--topology", str(topo)]
     res = subprocess.run([*cmd, "--json"], cwd=ROOT, capture_output=True, timeout=120)
     assert res.returncode == ExitCode.MISMATCH, res.stderr.decode()[-2000:]
     assert b'"ok":false' in res.stdout

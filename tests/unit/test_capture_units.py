@@ -196,3 +196,34 @@ def test_fenced_detection() -> None:
 def test_peek_names_reads_schema_and_table() -> None:
     body = b"\x01\x00\x00\x00\x00\x00" + b"\x01\x00" + bytes([4]) + b"shop" + b"\x00" + bytes([5]) + b"order"
     assert tablemap_cache._peek_names(body, None) == ("shop", "order")
+
+
+def test_settings_from_topology() -> None:
+    from binlog_capture.settings import settings_from_topology
+    from wmb.topology import parse_topology
+
+    topo = parse_topology(
+        """
+version: 1
+epoch: 4
+datacenters:
+  bj:
+    kafka: {bootstrap: "127.0.0.1:9092"}
+    mysql: {master: {host: 127.0.0.1, port: 3306, user: wmb, password: pw, server_id: 1}}
+sources:
+  main:
+    dc: bj
+    include: ["app.*"]
+    exclude_columns: ["app.users.pw"]
+    mask_columns: {"app.users.email": hash}
+    partitions: 6
+    ordering: table
+"""
+    )
+    s = settings_from_topology(topo, "main", metrics_port=9500)
+    assert (s.source, s.origin_dc, s.mysql_port, s.mysql_password) == ("main", "bj", 3306, "pw")
+    assert s.include == ("app.*",) and s.mask_columns == {"app.users.email": "hash"}
+    assert (s.partitions, s.ordering, s.epoch, s.metrics_port) == (6, "table", 4, 9500)
+    assert s.server_id != 1 and s.kafka_bootstrap == "127.0.0.1:9092"
+    with pytest.raises(ConfigError):
+        settings_from_topology(topo, "nope")

@@ -61,8 +61,15 @@ _LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
 
 
 def _new_cluster_id() -> str:
-    """What `kafka-storage random-uuid` prints: a url-safe base64 UUID without padding."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """What `kafka-storage random-uuid` prints: a url-safe base64 UUID without padding.
+
+    Like Kafka's own Uuid.randomUuid, never one that starts with '-': the storage tool's argument
+    parser would take it for an option (about one id in 64 did, and the format step failed).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _kafka_classpath(libs_dir: Path) -> str:
