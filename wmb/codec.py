@@ -9,6 +9,7 @@ because that reason is what lands in the dead-letter topic.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
@@ -124,14 +125,78 @@ def _nonneg(doc: Mapping[str, Any], name: str) -> int:
     return value
 
 
+# Per-column decoder: (JSON type whose values already are the canonical value, or None; from_json;
+# tag).  A value of that exact type is kept as is (orjson never returns subclasses, and ``type(x) is
+# int`` is False for JSON true); anything else goes through from_json, which converts or refuses.
+# float/double: a JSON float is the canonical value, a JSON integer becomes float(v) in from_json.
+_Decoder = tuple[type | None, Callable[[Any], Any], str]
+_SAME: dict[str, type] = {
+    "int": int,
+    "uint": int,
+    "year": int,
+    "text": str,
+    "enum": str,
+    "json": str,
+    "float": float,
+    "double": float,
+}
+
+
 @lru_cache(maxsize=4096)
-def _decoder(tag: str) -> tuple[type | None, Callable[[Any], Any]]:
-    """(JSON type that already is the canonical value for this tag, or None; from_json)."""
-    base = split_tag(tag)[0]
-    same: type | None = {"int": int, "uint": int, "year": int, "text": str, "enum": str, "json": str}.get(
-        base
-    )
-    return same, json_codec(tag)[1]
+def _decoder(tag: str) -> _Decoder:
+    return _SAME.get(split_tag(tag)[0]), json_codec(tag)[1], tag
+
+
+class _ColumnsPlan:
+    """The validated ``columns`` map of one table and each column's decoder, built once per map.
+
+    Every event of a table repeats the same ``columns``: validating its tags and looking up the
+    decoders per event was most of decode's time.  Plans are cached per (db, table) and reused while
+    an event's ``columns`` equals the cached one (a dict compare, no allocation).
+    """
+
+    __slots__ = ("columns", "decoders")
+
+    def __init__(self, columns: dict[str, Any]) -> None:
+        for name, tag in columns.items():
+            if not is_valid_tag(tag):
+                raise DecodeError(f"columns.{name}: bad type tag {tag!r}")
+        self.columns = dict(columns)
+        self.decoders: dict[str, _Decoder] = {name: _decoder(tag) for name, tag in columns.items()}
+
+
+_PLANS: dict[tuple[str, str], _ColumnsPlan] = {}
+_PLANS_MAX = 4096
+
+
+def _columns_plan(db: str, table: str, columns: dict[str, Any]) -> _ColumnsPlan:
+    key = (db, table)
+    found = _PLANS.get(key)
+    if found is not None and found.columns == columns:
+        return found
+    built = _ColumnsPlan(columns)  # raises DecodeError on a bad tag: nothing cached then
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()  # a cache, not a registry: thousands of tables just rebuild their plans
+    _PLANS[key] = built
+    return built
+
+
+def _convert_image(raw: dict[str, Any], decoders: Mapping[str, _Decoder], what: str) -> dict[str, Any]:
+    """Turn one image's JSON values into canonical values, in place (``raw`` is ours: orjson's).
+
+    Only values are replaced, never keys, so changing the dict while iterating it is safe.
+    """
+    for name, value in raw.items():
+        decoder = decoders.get(name)
+        if decoder is None:
+            raise DecodeError(f"{what}.{name}: column missing from 'columns'")
+        if value is None or type(value) is decoder[0]:
+            continue
+        try:
+            raw[name] = decoder[1](value)
+        except ValueError as exc:
+            raise DecodeError(f"{what}.{name} ({decoder[2]}): {exc}") from None
+    return raw
 
 
 def _image_from_json(raw: Any, columns: Mapping[str, str], what: str) -> dict[str, Any]:
@@ -145,7 +210,7 @@ def _image_from_json(raw: Any, columns: Mapping[str, str], what: str) -> dict[st
         if value is None:
             out[name] = None
             continue
-        same, from_json = _decoder(tag)
+        same, from_json, _ = _decoder(tag)
         if type(value) is same:
             out[name] = value
             continue
@@ -156,12 +221,191 @@ def _image_from_json(raw: Any, columns: Mapping[str, str], what: str) -> dict[st
     return out
 
 
+def _slot_constructor(cls: type, names: tuple[str, ...]) -> Callable[..., Any]:
+    """A positional constructor for a frozen slotted dataclass that skips its ``__init__``.
+
+    A frozen dataclass ``__init__`` sets each field through ``object.__setattr__`` and handles
+    defaults; setting the slots directly halves the cost of building an event.  Used only when the
+    class's fields are exactly ``names`` (in order), so a new field in ``wmb.event`` falls back to
+    the real constructor instead of leaving a slot unset.
+    """
+    fields_now = tuple(f.name for f in dataclasses.fields(cls))
+    slots = getattr(cls, "__slots__", ())
+    if fields_now != names or tuple(slots) != names or hasattr(cls, "__post_init__"):
+        return cls
+    setters = tuple(getattr(cls, name).__set__ for name in names)
+    new = object.__new__
+
+    def build(*values: Any) -> Any:
+        obj = new(cls)
+        for setter, value in zip(setters, values, strict=True):
+            setter(obj, value)
+        return obj
+
+    return build
+
+
+_new_event = _slot_constructor(
+    ChangeEvent,
+    (
+        "source",
+        "origin",
+        "server_id",
+        "op",
+        "database",
+        "table",
+        "ts_ms",
+        "position",
+        "txn",
+        "version",
+        "pk",
+        "before",
+        "after",
+        "columns",
+        "ddl",
+        "v",
+    ),
+)
+_new_position = _slot_constructor(Position, ("gtid", "file", "pos"))
+_new_txn = _slot_constructor(TxnInfo, ("id", "seq", "last"))
+_new_version = _slot_constructor(Version, ("epoch", "seq", "row"))
+
+_MISSING: Any = object()  # a nullable field that is absent (not null) goes to the checked path
+
+# The image shape each op requires: (before present, after present); None = either.
+_SHAPES: dict[Op, tuple[bool, bool] | None] = {
+    Op.INSERT: (False, True),
+    Op.UPDATE: (True, True),
+    Op.DELETE: (True, False),
+    Op.DDL: None,
+    Op.HEARTBEAT: None,
+}
+
+
+def _decode_fast(doc: dict[str, Any]) -> ChangeEvent | None:
+    """Decode a well-formed envelope; None when any envelope field looks wrong.
+
+    Every check here is a cheap exact-type test on orjson's output (never a subclass, so ``type(x)
+    is int`` also refuses JSON true).  On None the caller re-runs the field-by-field checks of
+    :func:`_decode_checked`, which name the problem; nothing is mutated before the last envelope
+    check, so that re-run sees the document as it came.  Image values are the exception: their
+    errors are raised here, with the same messages and in the same order as the checked path.
+    """
+    get = doc.get
+    columns = get("columns")
+    db = get("db")
+    table = get("table")
+    op_text = get("op")
+    op = _OPS.get(op_text) if type(op_text) is str else None
+    txn = get("txn")
+    ver = get("version")
+    before = get("before", _MISSING)
+    after = get("after", _MISSING)
+    pk = get("pk")
+    ddl = get("ddl", _MISSING)
+    gtid = get("gtid", _MISSING)
+    source = get("source")
+    origin = get("origin")
+    file = get("file")
+    server_id = get("server_id")
+    ts_ms = get("ts_ms")
+    pos = get("pos")
+    event_id = get("id")
+    if not (
+        type(columns) is dict
+        and type(db) is str
+        and type(table) is str
+        and op is not None
+        and type(txn) is dict
+        and type(ver) is list
+        and len(ver) == 3
+        and type(pk) is dict
+        and (before is None or type(before) is dict)
+        and (after is None or type(after) is dict)
+        and (ddl is None or type(ddl) is str)
+        and (gtid is None or type(gtid) is str)
+        and type(source) is str
+        and type(origin) is str
+        and type(file) is str
+        and type(event_id) is str
+        and type(server_id) is int
+        and type(ts_ms) is int
+        and type(pos) is int
+        and server_id >= 0
+        and ts_ms >= 0
+        and pos >= 0
+    ):
+        return None
+    txn_id = txn.get("id")
+    txn_seq = txn.get("seq")
+    txn_last = txn.get("last")
+    epoch, seq, row = ver
+    if not (
+        type(txn_id) is str
+        and type(txn_seq) is int
+        and txn_seq >= 0
+        and type(txn_last) is bool
+        and type(epoch) is int
+        and type(seq) is int
+        and type(row) is int
+        and epoch >= 0
+        and seq >= 0
+        and row >= 0
+    ):
+        return None
+    shape = _SHAPES[op]
+    if shape is not None and shape != (before is not None, after is not None):
+        return None
+    if op is Op.DDL and ddl is None:
+        return None
+    if event_id != f"{source}:{txn_id}:{txn_seq}":
+        return None
+    try:
+        plan = _columns_plan(db, table, columns)
+    except DecodeError:
+        return None  # the checked path names the bad tag
+    decoders = plan.decoders
+    if before is not None:
+        _convert_image(before, decoders, "before")
+    if after is not None:
+        _convert_image(after, decoders, "after")
+    _convert_image(pk, decoders, "pk")
+    event: ChangeEvent = _new_event(
+        source,
+        origin,
+        server_id,
+        op,
+        db,
+        table,
+        ts_ms,
+        _new_position(gtid, file, pos),
+        _new_txn(txn_id, txn_seq, txn_last),
+        _new_version(epoch, seq, row),
+        pk,
+        before,
+        after,
+        columns,
+        ddl,
+        ENVELOPE_VERSION,
+    )
+    return event
+
+
 def decode(data: bytes | bytearray | memoryview | str) -> ChangeEvent:
     """Rebuild a ChangeEvent from envelope bytes; :class:`DecodeError` says why it cannot."""
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise DecodeError(f"not JSON: {exc}") from None
+    if type(doc) is dict and doc.get("v") == ENVELOPE_VERSION and type(doc.get("v")) is int:
+        event = _decode_fast(doc)
+        if event is not None:
+            return event
+    return _decode_checked(doc)
+
+
+def _decode_checked(doc: Any) -> ChangeEvent:
+    """The field-by-field decode: slower, and its :class:`DecodeError` names the first problem."""
     if not isinstance(doc, dict):
         raise DecodeError(f"envelope must be a JSON object, got {type(doc).__name__}")
     version = doc.get("v")

@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 import pymysql
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import OffsetSpec
 from kafka.errors import KafkaError
 
 from wmb import topics
@@ -158,20 +159,27 @@ def _oldest_pending_age_s(
 
 
 def group_lag(bootstrap: str, group: str, topic: str, now_ms: int) -> list[PartitionLag] | None:
-    """Per partition: committed offset of ``group``, log end offset, LAG, seconds; None if no group."""
+    """Per partition: committed offset of ``group``, log end offset, LAG, seconds; None if no group.
+
+    The same two numbers ``kafka-consumer-groups.sh --describe`` reads: OffsetFetch for the group,
+    ListOffsets(latest, read_uncommitted) for the log end, so LAG here is LAG there.
+    """
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="wmb-lag", request_timeout_ms=10_000)
     try:
+        fetched = admin.list_group_offsets({group: None}).get(group, {})
         committed = {
             tp: meta.offset
-            for tp, meta in admin.list_consumer_group_offsets(group).items()
+            for tp, meta in fetched.items()
             if tp.topic == topic and meta.offset is not None and meta.offset >= 0
         }
+        parts = admin.describe_topics([topic])[0].get("partitions", [])
+        tps = sorted(
+            (TopicPartition(topic, p["partition_index"]) for p in parts), key=lambda tp: tp.partition
+        )
+        latest = admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in tps}) if tps else {}
+        ends = {tp: latest[tp].offset for tp in tps}
     finally:
         admin.close()
-    with _consumer(bootstrap, "read_uncommitted") as hw:
-        parts = hw.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        ends: dict[TopicPartition, int] = hw.end_offsets(tps) if tps else {}
     if not committed:
         return None
     pending = {tp: committed[tp] for tp in tps if tp in committed and ends[tp] > committed[tp]}

@@ -516,7 +516,7 @@ class SocialWorkload:
         self._rng = random.Random(seed)
         with self._conn.cursor() as cur:
             cur.execute(
-                "SELECT (SELECT COALESCE(MAX(id), 0) FROM app.users), "
+                "SELECT (SELECT COALESCE(MAX(id), 0) FROM app.users WHERE id < 1 << 63), "
                 "(SELECT COALESCE(MAX(id), 0) FROM app.posts)"
             )
             max_user, max_post = cur.fetchone() or (0, 0)
