@@ -6,10 +6,11 @@ Starts a private MariaDB and Kafka (wmb.servers) in a temp dir, writes two workl
 transactions and 1-row transactions), then for each one reads the same binlog range:
 
 * ``bare``: ``BinLogStreamReader`` (non-blocking) decoding every row (``event.rows``);
-* ``capture``: the capture path - TxnReader (table-map memo, filtering) -> EventBuilder (values,
-  masks) -> codec.encode -> transactional Kafka producer, committed every 10 ms / 5000 events with
-  the checkpoint, exactly as the daemon does;
-* ``capture-nokafka``: the same without the producer (what the binlog side costs).
+* ``capture``: the daemon's own pipeline (``CaptureDaemon.pipe``): the reader thread (TxnReader with
+  the table-map memo and filtering -> EventBuilder -> codec.encode) feeding the main thread's
+  transactional Kafka producer, committed every 10 ms / 5000 events with the checkpoint;
+* ``capture-nokafka``: TxnReader -> EventBuilder -> codec.encode in one thread, no producer (what the
+  binlog side costs).
 
 Prints rows/s and the ratios, and the Kafka commit latency (p50/p99).
 """
@@ -27,11 +28,12 @@ from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
 from binlog_capture import tablemap_cache
+from binlog_capture.daemon import CaptureDaemon
 from binlog_capture.events import EventBuilder
 from binlog_capture.reader import StartPoint, TxnReader
 from binlog_capture.settings import CaptureSettings
-from binlog_capture.sink import Checkpoint, KafkaTxnSink
-from wmb import codec, topics, values
+from binlog_capture.sink import Checkpoint
+from wmb import codec, values
 from wmb.servers import KafkaServer, MariaDBServer
 
 
@@ -100,67 +102,60 @@ def capture(
         partitions=1,
         commit_interval_ms=commit_interval_ms,
     )
-    builder = EventBuilder(settings)
+    reader_conn = dict(host=db.host, port=db.port, user=db.user, password=db.password)
+    if kafka is None:
+        return _capture_nokafka(settings, reader_conn, start, rows), []
+    daemon = CaptureDaemon(settings)
+    daemon._master_server_id = 1
+    daemon.sink.ensure_topics()
+    daemon.sink.start()
+    latencies: list[float] = []
+    sink_commit = daemon.sink.commit
+
+    def timed_commit(cp: Checkpoint) -> float:
+        latency = sink_commit(cp)
+        latencies.append(latency)
+        return latency
+
+    daemon.sink.commit = timed_commit  # type: ignore[method-assign,assignment]
     reader = TxnReader(
-        dict(host=db.host, port=db.port, user=db.user, password=db.password),
+        reader_conn,
         settings.server_id,
         StartPoint(start),
-        table_filter=builder.filter,
+        table_filter=daemon.builder.filter,
         blocking=False,
     )
-    sink = None
-    if kafka is not None:
-        sink = KafkaTxnSink(
-            kafka.bootstrap,
-            settings.transactional_id,
-            topics.changes_topic(source),
-            topics.capture_checkpoint_topic(source),
-            partitions=1,
-            source=source,
-        )
-        sink.ensure_topics()
-        sink.start()
-    latencies: list[float] = []
-    encode, key_of, headers_of = codec.encode, codec.message_key, codec.headers
-    interval_s = settings.commit_interval_ms / 1000
     t0 = time.perf_counter()
-    seen = pending = 0
-    batch_t0 = 0.0
-    last = None
-    for txn in reader.transactions():
-        msgs = builder.build(txn, 1)
-        if sink is not None and msgs:
-            if not sink.in_transaction:
-                sink.begin()
-                batch_t0 = time.perf_counter()
-            for m in msgs:
-                key = key_of(m.event, "database")
-                part = m.partition if m.partition is not None else sink.partition_for(key)
-                sink.send(encode(m.event), key, part, headers_of(m.event))
-        else:
-            for m in msgs:
-                encode(m.event)
-        seen += sum(1 for m in msgs)
-        pending += len(msgs)
-        last = txn
-        due = pending >= settings.commit_max_events or time.perf_counter() - batch_t0 >= interval_s
-        if sink is not None and sink.in_transaction and due:
-            latencies.append(sink.commit(_cp(source, last)))
-            pending = 0
-        if seen >= rows:
-            break
-    if sink is not None and sink.in_transaction and last is not None:
-        latencies.append(sink.commit(_cp(source, last)))
-    dt = time.perf_counter() - t0
-    reader.close()
-    if sink is not None:
-        sink.close()
+    try:
+        daemon.pipe(reader)  # returns once the (non-blocking) stream has ended and is committed
+        dt = time.perf_counter() - t0
+    finally:
+        daemon.sink.close()
+    seen = int(daemon.metrics.registry.get_sample_value("wmb_capture_events_total", {"source": source}) or 0)
     assert seen == rows, (seen, rows)
     return rows / dt, latencies
 
 
-def _cp(source: str, txn: Any) -> Checkpoint:
-    return Checkpoint(source, txn.gtid_state, txn.gtid, txn.file, txn.pos, 1, txn.ts_s * 1000, 0)
+def _capture_nokafka(settings: CaptureSettings, conn: dict[str, Any], start: str, rows: int) -> float:
+    builder = EventBuilder(settings)
+    reader = TxnReader(
+        conn, settings.server_id, StartPoint(start), table_filter=builder.filter, blocking=False
+    )
+    encode, key_of, headers_of = codec.encode, codec.message_key, codec.headers
+    t0 = time.perf_counter()
+    seen = 0
+    for txn in reader.transactions():
+        for m in builder.build(txn, 1):
+            encode(m.event)
+            key_of(m.event, "database")
+            headers_of(m.event)
+            seen += 1
+        if seen >= rows:
+            break
+    dt = time.perf_counter() - t0
+    reader.close()
+    assert seen == rows, (seen, rows)
+    return rows / dt
 
 
 def main() -> None:

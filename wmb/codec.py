@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from functools import lru_cache
@@ -221,56 +222,160 @@ def _image_from_json(raw: Any, columns: Mapping[str, str], what: str) -> dict[st
     return out
 
 
-def _slot_constructor(cls: type, names: tuple[str, ...]) -> Callable[..., Any]:
-    """A positional constructor for a frozen slotted dataclass that skips its ``__init__``.
-
-    A frozen dataclass ``__init__`` sets each field through ``object.__setattr__`` and handles
-    defaults; setting the slots directly halves the cost of building an event.  Used only when the
-    class's fields are exactly ``names`` (in order), so a new field in ``wmb.event`` falls back to
-    the real constructor instead of leaving a slot unset.
-    """
-    fields_now = tuple(f.name for f in dataclasses.fields(cls))
-    slots = getattr(cls, "__slots__", ())
-    if fields_now != names or tuple(slots) != names or hasattr(cls, "__post_init__"):
-        return cls
-    setters = tuple(getattr(cls, name).__set__ for name in names)
-    new = object.__new__
-
-    def build(*values: Any) -> Any:
-        obj = new(cls)
-        for setter, value in zip(setters, values, strict=True):
-            setter(obj, value)
-        return obj
-
-    return build
-
-
-_new_event = _slot_constructor(
-    ChangeEvent,
-    (
-        "source",
-        "origin",
-        "server_id",
-        "op",
-        "database",
-        "table",
-        "ts_ms",
-        "position",
-        "txn",
-        "version",
-        "pk",
-        "before",
-        "after",
-        "columns",
-        "ddl",
-        "v",
-    ),
+# Frozen slotted dataclasses set each field in ``__init__`` through ``object.__setattr__`` plus
+# default handling; setting the slots directly through their descriptors halves the cost of building
+# an event.  Only valid while the classes have exactly these fields, in this order: checked at import,
+# and on any drift (a new field in wmb.event) decode uses the real constructors instead.
+_EVENT_FIELDS = (
+    "source",
+    "origin",
+    "server_id",
+    "op",
+    "database",
+    "table",
+    "ts_ms",
+    "position",
+    "txn",
+    "version",
+    "pk",
+    "before",
+    "after",
+    "columns",
+    "ddl",
+    "v",
 )
-_new_position = _slot_constructor(Position, ("gtid", "file", "pos"))
-_new_txn = _slot_constructor(TxnInfo, ("id", "seq", "last"))
-_new_version = _slot_constructor(Version, ("epoch", "seq", "row"))
+_SLOT_LAYOUTS: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (ChangeEvent, _EVENT_FIELDS),
+    (Position, ("gtid", "file", "pos")),
+    (TxnInfo, ("id", "seq", "last")),
+    (Version, ("epoch", "seq", "row")),
+)
+_FAST_BUILD = all(
+    tuple(f.name for f in dataclasses.fields(cls)) == names
+    and tuple(getattr(cls, "__slots__", ())) == names
+    and not hasattr(cls, "__post_init__")
+    for cls, names in _SLOT_LAYOUTS
+)
+_new = object.__new__
+(
+    _ev_source,
+    _ev_origin,
+    _ev_server_id,
+    _ev_op,
+    _ev_database,
+    _ev_table,
+    _ev_ts_ms,
+    _ev_position,
+    _ev_txn,
+    _ev_version,
+    _ev_pk,
+    _ev_before,
+    _ev_after,
+    _ev_columns,
+    _ev_ddl,
+    _ev_v,
+) = (getattr(ChangeEvent, name).__set__ for name in _EVENT_FIELDS)
+_pos_gtid, _pos_file, _pos_pos = (getattr(Position, n).__set__ for n in ("gtid", "file", "pos"))
+_txn_id, _txn_seq, _txn_last = (getattr(TxnInfo, n).__set__ for n in ("id", "seq", "last"))
+_ver_epoch, _ver_seq, _ver_row = (getattr(Version, n).__set__ for n in ("epoch", "seq", "row"))
 
-_MISSING: Any = object()  # a nullable field that is absent (not null) goes to the checked path
+
+def _build_event(
+    source: str,
+    origin: str,
+    server_id: int,
+    op: Op,
+    db: str,
+    table: str,
+    ts_ms: int,
+    gtid: str | None,
+    file: str,
+    pos: int,
+    txn_id: str,
+    txn_seq: int,
+    txn_last: bool,
+    epoch: int,
+    seq: int,
+    row: int,
+    pk: dict[str, Any],
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    columns: dict[str, str],
+    ddl: str | None,
+) -> ChangeEvent:
+    if not _FAST_BUILD:
+        return ChangeEvent(
+            source=source,
+            origin=origin,
+            server_id=server_id,
+            op=op,
+            database=db,
+            table=table,
+            ts_ms=ts_ms,
+            position=Position(gtid=gtid, file=file, pos=pos),
+            txn=TxnInfo(id=txn_id, seq=txn_seq, last=txn_last),
+            version=Version(epoch, seq, row),
+            pk=pk,
+            before=before,
+            after=after,
+            columns=columns,
+            ddl=ddl,
+            v=ENVELOPE_VERSION,
+        )
+    position = _new(Position)
+    _pos_gtid(position, gtid)
+    _pos_file(position, file)
+    _pos_pos(position, pos)
+    txn = _new(TxnInfo)
+    _txn_id(txn, txn_id)
+    _txn_seq(txn, txn_seq)
+    _txn_last(txn, txn_last)
+    version = _new(Version)
+    _ver_epoch(version, epoch)
+    _ver_seq(version, seq)
+    _ver_row(version, row)
+    event: ChangeEvent = _new(ChangeEvent)
+    _ev_source(event, source)
+    _ev_origin(event, origin)
+    _ev_server_id(event, server_id)
+    _ev_op(event, op)
+    _ev_database(event, db)
+    _ev_table(event, table)
+    _ev_ts_ms(event, ts_ms)
+    _ev_position(event, position)
+    _ev_txn(event, txn)
+    _ev_version(event, version)
+    _ev_pk(event, pk)
+    _ev_before(event, before)
+    _ev_after(event, after)
+    _ev_columns(event, columns)
+    _ev_ddl(event, ddl)
+    _ev_v(event, ENVELOPE_VERSION)
+    return event
+
+
+# The envelope fields decode reads, fetched in one C call (KeyError when one is absent).
+_ENVELOPE_FIELDS = operator.itemgetter(
+    "id",
+    "origin",
+    "source",
+    "server_id",
+    "gtid",
+    "file",
+    "pos",
+    "db",
+    "table",
+    "op",
+    "ts_ms",
+    "txn",
+    "pk",
+    "before",
+    "after",
+    "version",
+    "columns",
+    "ddl",
+)
+_TXN_FIELDS = operator.itemgetter("id", "seq", "last")
 
 # The image shape each op requires: (before present, after present); None = either.
 _SHAPES: dict[Op, tuple[bool, bool] | None] = {
@@ -291,26 +396,30 @@ def _decode_fast(doc: dict[str, Any]) -> ChangeEvent | None:
     check, so that re-run sees the document as it came.  Image values are the exception: their
     errors are raised here, with the same messages and in the same order as the checked path.
     """
-    get = doc.get
-    columns = get("columns")
-    db = get("db")
-    table = get("table")
-    op_text = get("op")
+    try:
+        (
+            event_id,
+            origin,
+            source,
+            server_id,
+            gtid,
+            file,
+            pos,
+            db,
+            table,
+            op_text,
+            ts_ms,
+            txn,
+            pk,
+            before,
+            after,
+            ver,
+            columns,
+            ddl,
+        ) = _ENVELOPE_FIELDS(doc)
+    except KeyError:
+        return None
     op = _OPS.get(op_text) if type(op_text) is str else None
-    txn = get("txn")
-    ver = get("version")
-    before = get("before", _MISSING)
-    after = get("after", _MISSING)
-    pk = get("pk")
-    ddl = get("ddl", _MISSING)
-    gtid = get("gtid", _MISSING)
-    source = get("source")
-    origin = get("origin")
-    file = get("file")
-    server_id = get("server_id")
-    ts_ms = get("ts_ms")
-    pos = get("pos")
-    event_id = get("id")
     if not (
         type(columns) is dict
         and type(db) is str
@@ -336,9 +445,10 @@ def _decode_fast(doc: dict[str, Any]) -> ChangeEvent | None:
         and pos >= 0
     ):
         return None
-    txn_id = txn.get("id")
-    txn_seq = txn.get("seq")
-    txn_last = txn.get("last")
+    try:
+        txn_id, txn_seq, txn_last = _TXN_FIELDS(txn)
+    except KeyError:
+        return None
     epoch, seq, row = ver
     if not (
         type(txn_id) is str
@@ -369,8 +479,9 @@ def _decode_fast(doc: dict[str, Any]) -> ChangeEvent | None:
         _convert_image(before, decoders, "before")
     if after is not None:
         _convert_image(after, decoders, "after")
-    _convert_image(pk, decoders, "pk")
-    event: ChangeEvent = _new_event(
+    if pk:
+        _convert_image(pk, decoders, "pk")
+    return _build_event(
         source,
         origin,
         server_id,
@@ -378,17 +489,21 @@ def _decode_fast(doc: dict[str, Any]) -> ChangeEvent | None:
         db,
         table,
         ts_ms,
-        _new_position(gtid, file, pos),
-        _new_txn(txn_id, txn_seq, txn_last),
-        _new_version(epoch, seq, row),
+        gtid,
+        file,
+        pos,
+        txn_id,
+        txn_seq,
+        txn_last,
+        epoch,
+        seq,
+        row,
         pk,
         before,
         after,
         columns,
         ddl,
-        ENVELOPE_VERSION,
     )
-    return event
 
 
 def decode(data: bytes | bytearray | memoryview | str) -> ChangeEvent:

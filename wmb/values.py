@@ -516,22 +516,23 @@ def _datetime_to_json(value: dt.datetime | str) -> str:
     return value if isinstance(value, str) else value.isoformat()
 
 
-def _datetime_from_json(value: Any) -> dt.datetime | str:
-    text: str = _require(str, value)
-    if text.startswith("0000-"):
+def _datetime_from_json(value: Any, _parse: Callable[[str], dt.datetime] = dt.datetime.fromisoformat) -> Any:
+    # On every consumer's hot path: exact-type test first (orjson never returns a str subclass).
+    text: str = value if type(value) is str else _require(str, value)
+    if text[:5] == "0000-":
         return text
-    return dt.datetime.fromisoformat(text)
+    return _parse(text)
 
 
 def _date_to_json(value: dt.date | str) -> str:
     return value if isinstance(value, str) else value.isoformat()
 
 
-def _date_from_json(value: Any) -> dt.date | str:
-    text: str = _require(str, value)
-    if text.startswith("0000-"):
+def _date_from_json(value: Any, _parse: Callable[[str], dt.date] = dt.date.fromisoformat) -> Any:
+    text: str = value if type(value) is str else _require(str, value)
+    if text[:5] == "0000-":
         return text
-    return dt.date.fromisoformat(text)
+    return _parse(text)
 
 
 def _set_to_json(value: str) -> list[str]:
@@ -547,7 +548,7 @@ def _set_from_json(value: Any) -> str:
 
 def _decimal_from_json(value: Any) -> Decimal:
     try:
-        result = Decimal(_require(str, value))
+        result = Decimal(value if type(value) is str else _require(str, value))
     except InvalidOperation as exc:
         raise ValueError(f"not a decimal: {value!r:.60}") from exc
     if not result.is_finite():

@@ -87,7 +87,13 @@ def test_unknown_group_reports_no_position(kafka_gz: KafkaServer) -> None:
 
 def _hop(behind: int, seconds: float, position: int) -> HopLag:
     return HopLag(
-        "gz", "cache:gz", "g", "t", behind, seconds, partitions=[PartitionLag(0, position, 100, behind, seconds)]
+        "gz",
+        "cache:gz",
+        "g",
+        "t",
+        behind,
+        seconds,
+        partitions=[PartitionLag(0, position, 100, behind, seconds)],
     )
 
 

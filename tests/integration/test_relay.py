@@ -59,6 +59,22 @@ def test_order_and_exactly_once_across_the_link(
         assert 'wmb_relay_records_total{route="bj:gz"} 1200.0' in body
         health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health").read())
         assert health["ok"] and health["link_up"]
+        # best effort, for `wmb lag`: the group offsets on the source cluster follow the checkpoint
+        admin = kafka_bj.admin()
+        try:
+
+            def group_caught_up() -> bool:
+                offsets = admin.list_group_offsets({"wmb-relay-bj-gz": None})["wmb-relay-bj-gz"]
+                ends = {
+                    tp.partition: len(recs)
+                    for tp, recs in ((TopicPartition(topic, p), r) for p, r in src.items())
+                }
+                got = {tp.partition: o.offset for tp, o in offsets.items() if tp.topic == topic}
+                return all(got.get(p, -1) >= ends[p] for p in ends)
+
+            wait_until(group_caught_up, 60, "relay group offsets committed on bj")
+        finally:
+            admin.close()
     assert relay.error is None
 
 

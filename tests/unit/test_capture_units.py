@@ -191,6 +191,12 @@ def test_fenced_detection() -> None:
     assert is_fenced(kerr.ProducerFencedError())
     assert is_fenced(kerr.InvalidProducerEpochError())
     assert not is_fenced(kerr.KafkaTimeoutError())
+    # the transactional producer is librdkafka's: its fatal fencing errors carry a KafkaError code
+    from confluent_kafka import KafkaError, KafkaException
+
+    assert is_fenced(KafkaException(KafkaError(KafkaError._FENCED)))
+    assert is_fenced(KafkaException(KafkaError(KafkaError.PRODUCER_FENCED)))
+    assert not is_fenced(KafkaException(KafkaError(KafkaError._TIMED_OUT)))
 
 
 def test_peek_names_reads_schema_and_table() -> None:

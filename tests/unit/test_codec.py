@@ -204,6 +204,82 @@ def test_decode_rejects_values_that_do_not_fit_their_tag(column: str, value: Any
         codec.decode(orjson.dumps(doc))
 
 
+# decode() has a fast path for well-formed envelopes and falls back to the field-by-field checks
+# for anything odd; both must accept the same documents, build the same events, and name the same
+# problem.
+_ODD_DOCS: list[dict[str, Any]] = [
+    {"before": KeyError},  # absent is not null
+    {"ddl": KeyError},
+    {"gtid": KeyError},
+    {"gtid": None},
+    {"v": 1.0},  # == 1: accepted by the checked path
+    {"txn": {"id": "0-1-42", "seq": 3, "last": 1}},
+    {"version": [0, 42, True]},
+    {"version": [0, -1, 3]},
+    {"pos": -1},
+    {"op": ["update"]},
+    {"columns": {**{n: t for n, (t, _) in SAMPLES.items()}, "id": 7}},
+    {"extra_field": "ignored"},
+]
+
+
+@pytest.mark.parametrize("changes", _ODD_DOCS, ids=lambda c: ",".join(c))
+def test_fast_and_checked_decode_agree(changes: dict[str, Any]) -> None:
+    data = _mutated(**changes)
+    try:
+        expected: Any = codec._decode_checked(orjson.loads(data))
+    except DecodeError as exc:
+        expected = f"error: {exc}"
+    try:
+        got: Any = codec.decode(data)
+    except DecodeError as exc:
+        got = f"error: {exc}"
+    assert got == expected
+
+
+def test_decode_accepts_any_key_order() -> None:
+    event = make_event()
+    doc = orjson.loads(codec.encode(event))
+    shuffled = dict(reversed(list(doc.items())))
+    assert codec.decode(orjson.dumps(shuffled)) == event
+
+
+@pytest.mark.parametrize(
+    ("tag", "wire", "value"),
+    [("double", 2, 2.0), ("float", -3, -3.0), ("int", True, DecodeError), ("text:utf8mb4", 1, DecodeError)],
+)
+def test_decode_exact_types_per_tag(tag: str, wire: Any, value: Any) -> None:
+    # The identity fast path keeps a value only when its JSON type already is the canonical type.
+    doc = orjson.loads(codec.encode(make_event(Op.INSERT, pk={}, after={"c": None}, columns={"c": tag})))
+    doc["after"]["c"] = wire
+    if value is DecodeError:
+        with pytest.raises(DecodeError, match=r"after\.c"):
+            codec.decode(orjson.dumps(doc))
+        return
+    got = codec.decode(orjson.dumps(doc)).after
+    assert got is not None and got["c"] == value and type(got["c"]) is type(value)
+
+
+def test_decode_follows_a_changed_columns_map() -> None:
+    # The columns plan is cached per table; an ALTER changes the map and must change the decoding.
+    first = make_event(Op.INSERT, pk={"c": 1}, after={"c": 1}, columns={"c": "int"})
+    altered = make_event(Op.INSERT, pk={}, after={"c": Decimal("1.50")}, columns={"c": "decimal:5,2"})
+    assert codec.decode(codec.encode(first)) == first
+    assert codec.decode(codec.encode(altered)) == altered
+    assert codec.decode(codec.encode(first)) == first
+    broken = orjson.loads(codec.encode(first))
+    broken["columns"] = {"c": "uuid"}
+    with pytest.raises(DecodeError, match="bad type tag"):
+        codec.decode(orjson.dumps(broken))
+
+
+def test_decoded_events_do_not_share_state() -> None:
+    data = codec.encode(make_event())
+    one, two = codec.decode(data), codec.decode(data)
+    assert one == two
+    assert one.after is not two.after and one.columns is not two.columns and one.pk is not two.pk
+
+
 def test_encode_refuses_untagged_column() -> None:
     with pytest.raises(ValueError, match="no type tag"):
         codec.encode(make_event(Op.INSERT, after={"ghost": 1}))
