@@ -304,6 +304,17 @@ class KafkaTxnSink:
             ) from exc
         if isinstance(exc, CKafkaException) and exc.args and isinstance(exc.args[0], CKafkaError):
             err = exc.args[0]
+            if err.code() == CKafkaError._FATAL and self._producer is not None:
+                # produce() only says "fatal"; a transactional call reports the stored cause
+                # (e.g. _FENCED), which decides between FencedError and a crash.
+                try:
+                    self._producer.abort_transaction(5.0)
+                except CKafkaException as cause:
+                    if is_fenced(cause):
+                        raise FencedError(
+                            f"another capturer took transactional.id {self.transactional_id!r} "
+                            f"(this one is fenced): {cause!r}"
+                        ) from cause
             if err.retriable() and not err.fatal():
                 # The daemon's retry seam knows kafka-python's RetriableError family.
                 raise kerr.KafkaTimeoutError(f"{err.name()}: {err.str()}") from exc
