@@ -19,6 +19,7 @@ from wmb.errors import ConfigError
 
 Ordering = Literal["database", "table", "row"]
 MaskKind = Literal["hash", "null"]
+CompressionKind = Literal["none", "gzip", "lz4", "zstd"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ class CaptureSettings:
     start_pos: int | None = None
     #: how long a SIGTERM may take to commit the in-flight Kafka transaction.
     stop_timeout_s: float = 10.0
+    #: codec of the produced batches; the relay ships them over the WAN as stored, so this is what
+    #: the WAN link carries (librdkafka compresses off the GIL).
+    compression: CompressionKind = "zstd"
+    #: run binlog read + event build + encode in a child process (see binlog_capture/subproc.py).
+    decode_in_subprocess: bool = True
 
     def __post_init__(self) -> None:
         if self.ordering not in ("database", "table", "row"):
@@ -73,6 +79,8 @@ class CaptureSettings:
                 raise ConfigError(f"capture.mask_columns[{col!r}]: {kind!r} is not hash|null")
             if col.count(".") < 2:
                 raise ConfigError(f"capture.mask_columns: {col!r} is not db.table.column")
+        if self.compression not in ("none", "gzip", "lz4", "zstd"):
+            raise ConfigError(f"capture.compression: {self.compression!r} is not none|gzip|lz4|zstd")
         if self.commit_interval_ms <= 0 or self.commit_max_events <= 0:
             raise ConfigError("capture.commit_interval_ms and commit_max_events must be > 0")
 

@@ -92,6 +92,7 @@ class KafkaTxnSink:
         *,
         partitions: int,
         source: str,
+        compression: str = "zstd",
     ) -> None:
         self.bootstrap = bootstrap
         self.transactional_id = transactional_id
@@ -99,6 +100,7 @@ class KafkaTxnSink:
         self.checkpoint_topic = checkpoint_topic
         self.partitions = partitions
         self.source = source
+        self.compression = compression
         self._producer: KafkaProducer | None = None
         self._in_txn = False
         self._partition_cache: dict[bytes, int] = {}
@@ -157,9 +159,9 @@ class KafkaTxnSink:
                 "transactional.id": self.transactional_id,
                 "enable.idempotence": True,
                 "acks": "all",
-                # On loopback lz4 costs more than it saves; but the topic crosses the WAN later
-                # (the broker relays the bytes as they are), and librdkafka compresses off the GIL.
-                "compression.type": "lz4",
+                # The topic crosses the WAN later and the relay ships these stored batches as they
+                # are, so this codec is the WAN's; librdkafka compresses off the GIL.
+                "compression.type": self.compression,
                 # Whole Kafka transactions are flushed at commit anyway; linger only shapes the
                 # batches sent while a transaction is still filling.
                 "linger.ms": 5,

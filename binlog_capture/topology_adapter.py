@@ -37,6 +37,7 @@ def from_topology(topology: Any, source_name: str, *, metrics_port: int | None =
         heartbeat_interval_s=src.heartbeat_interval_s,
         commit_interval_ms=src.commit_interval_ms,
         commit_max_events=src.commit_max_events,
+        compression=str(src.compression.value),  # type: ignore[arg-type]
         epoch=topology.epoch,
         metrics_port=metrics_port,
         start_gtid=src.start.gtid,

@@ -10,18 +10,10 @@ from broker.control import ControlCommand
 from broker.relay import Relay, write_control
 from broker.settings import RelaySettings, parse_route, settings_from_topology
 from wmb import log
+from wmb.config_cli import topology_option
 from wmb.errors import ExitCode, WmbError
 
 _log = log.get("broker.cli")
-
-_topology_option = click.option(
-    "--topology",
-    "topology_path",
-    default="topology.yaml",
-    show_default=True,
-    envvar="WMB_TOPOLOGY",
-    type=click.Path(dir_okay=False),
-)
 
 
 def run_relay(settings: RelaySettings) -> int:
@@ -44,7 +36,7 @@ def _load(topology_path: str, route: str, metrics_port: int | None) -> RelaySett
 
 @click.command("relay")
 @click.option("--route", required=True, help="SRC:DST, e.g. bj:gz (runs in DST).")
-@_topology_option
+@topology_option
 @click.option("--metrics-port", type=int, default=None, help="Serve /metrics and /health here (0 = any).")
 def relay(route: str, topology_path: str, metrics_port: int | None) -> None:
     """Relay committed change events from SRC's Kafka (over the WAN) into this datacenter's Kafka,
@@ -72,7 +64,7 @@ def _send(route_name: str, topology_path: str, cmd: str, rate: int | None) -> No
 
 @route.command()
 @click.argument("route_name", metavar="ROUTE")
-@_topology_option
+@topology_option
 def pause(route_name: str, topology_path: str) -> None:
     """Stop shipping on ROUTE (the relay keeps its checkpoint and resumes from it)."""
     _send(route_name, topology_path, "pause", None)
@@ -80,7 +72,7 @@ def pause(route_name: str, topology_path: str) -> None:
 
 @route.command()
 @click.argument("route_name", metavar="ROUTE")
-@_topology_option
+@topology_option
 def resume(route_name: str, topology_path: str) -> None:
     """Resume a paused ROUTE."""
     _send(route_name, topology_path, "resume", None)
@@ -89,7 +81,7 @@ def resume(route_name: str, topology_path: str) -> None:
 @route.command()
 @click.argument("route_name", metavar="ROUTE")
 @click.option("--bytes-per-s", "rate", type=int, required=True, help="0 = unlimited.")
-@_topology_option
+@topology_option
 def throttle(route_name: str, rate: int, topology_path: str) -> None:
     """Cap ROUTE at N bytes/s of shipped key+value bytes (overrides max_bytes_per_s)."""
     _send(route_name, topology_path, "throttle", rate)

@@ -9,20 +9,12 @@ import click
 
 from cache_updater.apply_settings import ApplySettings, settings_from_topology
 from wmb import log
+from wmb.config_cli import topology_option
 from wmb.errors import ExitCode
 from wmb.runtime import MetricsServer, StopToken
 from wmb.topology import load_topology
 
 _log = log.get("wmb.apply.cli")
-
-_topology_option = click.option(
-    "--topology",
-    "topology_path",
-    default="topology.yaml",
-    show_default=True,
-    envvar="WMB_TOPOLOGY",
-    type=click.Path(dir_okay=False),
-)
 
 
 def load_settings(topology_path: str, dc: str, server: str | None) -> ApplySettings:
@@ -60,7 +52,7 @@ def run_applier(
 
 @click.command("apply")
 @click.option("--dc", required=True, help="Datacenter whose replica to keep up to date.")
-@_topology_option
+@topology_option
 @click.option("--server", default=None, help="Replica server name when the datacenter has several.")
 @click.option("--metrics-port", type=int, default=None, help="Serve /metrics and /health on this port.")
 def apply(dc: str, topology_path: str, server: str | None, metrics_port: int | None) -> None:
@@ -75,7 +67,7 @@ def apply(dc: str, topology_path: str, server: str | None, metrics_port: int | N
 
 @click.command("bootstrap")
 @click.option("--dc", required=True, help="Datacenter whose replica to seed.")
-@_topology_option
+@topology_option
 @click.option("--server", default=None, help="Replica server name when the datacenter has several.")
 @click.option("--dump-file", default=None, type=click.Path(dir_okay=False), help="Keep the dump here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

@@ -16,11 +16,6 @@ from wmb.runtime import MetricsServer, StopToken
 _log = log.get("cache_updater.cli")
 
 
-_topology_option = click.option(
-    "--topology", "topology_path", default="topology.yaml", show_default=True, envvar="WMB_TOPOLOGY"
-)
-
-
 def _load(topology_path: str) -> Any:
     from wmb.topology import load_topology
 

@@ -8,15 +8,14 @@ from typing import Any
 import click
 import orjson
 
+from wmb.config_cli import topology_option
 from wmb.errors import ExitCode
 from wmb.topology import load_topology
 
 
 @click.command("verify")
 @click.option("--dc", required=True, help="Datacenter whose copies to compare with the master.")
-@click.option(
-    "--topology", "topology_path", default="topology.yaml", show_default=True, envvar="WMB_TOPOLOGY"
-)
+@topology_option
 @click.option("--server", default=None, help="Replica server name when the datacenter has several.")
 @click.option("--table", "tables", multiple=True, help="db.table glob (repeatable); default: the replica's.")
 @click.option("--chunk-size", default=1000, show_default=True, help="Primary keys per checksum chunk.")

@@ -12,6 +12,17 @@ from wmb.topology import Topology, load_topology
 
 DEFAULT_PATH = "topology.yaml"
 
+topology_option = click.option(
+    "--topology",
+    "topology_path",
+    default=DEFAULT_PATH,
+    show_default=True,
+    envvar="WMB_TOPOLOGY",
+    type=click.Path(dir_okay=False),
+    help="The deployment's topology file (or $WMB_TOPOLOGY).",
+)
+"""The ``--topology`` option every daemon and tool shares."""
+
 _path_argument = click.argument(
     "path", required=False, default=DEFAULT_PATH, envvar="WMB_TOPOLOGY", type=click.Path(dir_okay=False)
 )

@@ -9,24 +9,15 @@ from pathlib import Path
 import click
 import orjson
 
+from wmb.config_cli import topology_option
 from wmb.errors import ExitCode
 from wmb.runtime import StopToken
 from wmb.topology import load_topology
 
-_topology_option = click.option(
-    "--topology",
-    "topology_path",
-    default="topology.yaml",
-    show_default=True,
-    envvar="WMB_TOPOLOGY",
-    type=click.Path(dir_okay=False),
-    help="The deployment's topology file.",
-)
-
 
 @click.command("run")
 @click.option("--dc", required=True, help="Datacenter whose daemons to run.")
-@_topology_option
+@topology_option
 @click.option(
     "--metrics-port", type=int, default=None, help="Supervisor /health (default: the dc's base port)."
 )
@@ -130,7 +121,7 @@ def sandbox_demo(box: object, duration_s: float, rate_per_s: float, bring_up: bo
 
 
 @click.command("lag")
-@_topology_option
+@topology_option
 @click.option("--watch", is_flag=True, help="Redraw the table every --interval seconds until Ctrl-C.")
 @click.option("--interval", "interval_s", type=float, default=2.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (per refresh with --watch).")

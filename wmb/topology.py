@@ -419,6 +419,10 @@ class Source(_Model):
     """A Kafka transaction (whole source transactions + checkpoint) is committed at least this often..."""
     commit_max_events: Annotated[int, Field(ge=1)] = 5000
     """...or after this many events, whichever comes first."""
+    compression: Compression = Compression.ZSTD
+    """Compression of the capturer's produced batches: none, gzip, lz4, zstd. The relay ships these
+    stored batches over the WAN as they are (a route's ``compression`` only applies to its local
+    writes), so this is what the WAN link carries."""
     start: CdcStart = CdcStart()
     """Start position when there is no checkpoint; default: the master's current position."""
 
