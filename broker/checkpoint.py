@@ -12,13 +12,15 @@ from collections.abc import Sequence
 import orjson
 from kafka import TopicPartition
 
+from wmb import topics
 from wmb.errors import WmbError
 
 Checkpoints = dict[TopicPartition, int]
 
 
 def key(route: str, tp: TopicPartition) -> bytes:
-    return f"{route}|{tp.topic}|{tp.partition}".encode()
+    src_dc, dst_dc = route.split(":", 1)
+    return topics.relay_checkpoint_key(src_dc, dst_dc, tp.topic, tp.partition)
 
 
 def parse_key(raw: bytes) -> tuple[str, TopicPartition]:

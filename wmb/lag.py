@@ -4,13 +4,16 @@ Hops, per datacenter:
 
 - ``capture:<source>`` (in the source's dc): the master's ``@@gtid_binlog_pos`` against the
   capturer's last committed checkpoint.  Messages behind = source transactions not yet in Kafka.
-- ``relay:<from>-><to>`` (in ``to``): the relay's consumer group on the *source* cluster.
+- ``relay:<from>-><to>`` (in ``to``): the relay's checkpoint (next source offset per partition,
+  committed in the destination with every relayed batch) against the source topic's log end.
 - ``cache:<dc>`` and ``apply:<dc>``: the cache updater's and the replica applier's consumer groups
   on the dc's own cluster.
 
-For the Kafka hops "messages behind" is exactly what Kafka's ``kafka-consumer-groups.sh --describe``
-prints as LAG: the log end offset (high watermark) minus the group's committed offset, so the two
-always agree.  "Seconds behind" is the age of the oldest message the hop has not consumed yet (0 when
+For the consumer groups "messages behind" is exactly what Kafka's ``kafka-consumer-groups.sh
+--describe`` prints as LAG: the log end offset (high watermark) minus the group's committed offset,
+so the two always agree.  (The relay also commits its group ``wmb-relay-<from>-<to>`` on the source
+cluster for those tools, every few seconds; its checkpoint is the exact position, so the relay row
+reads that.)  "Seconds behind" is the age of the oldest message the hop has not consumed yet (0 when
 nothing is pending).  The capturer writes a heartbeat row every second and it flows through every
 partition, so a hop that stops moving shows a growing age even when the application writes nothing.
 
@@ -158,6 +161,34 @@ def _oldest_pending_age_s(
     return ages
 
 
+def _end_offsets(bootstrap: str, topic: str) -> dict[TopicPartition, int]:
+    """Log end offsets (ListOffsets latest, read_uncommitted), as kafka-consumer-groups.sh reads them."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="wmb-lag", request_timeout_ms=10_000)
+    try:
+        parts = admin.describe_topics([topic])[0].get("partitions", [])
+        tps = sorted(
+            (TopicPartition(topic, p["partition_index"]) for p in parts), key=lambda tp: tp.partition
+        )
+        latest = admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in tps}) if tps else {}
+        return {tp: latest[tp].offset for tp in tps}
+    finally:
+        admin.close()
+
+
+def _partition_lags(
+    bootstrap: str, topic: str, positions: dict[TopicPartition, int], now_ms: int
+) -> list[PartitionLag]:
+    ends = _end_offsets(bootstrap, topic)
+    pending = {tp: positions[tp] for tp in ends if tp in positions and ends[tp] > positions[tp]}
+    with _consumer(bootstrap, "read_committed") as reader:
+        ages = _oldest_pending_age_s(reader, pending, now_ms)
+    out = []
+    for tp, end in ends.items():
+        pos = positions.get(tp)
+        out.append(PartitionLag(tp.partition, pos, end, end - (pos or 0), ages.get(tp, 0.0)))
+    return out
+
+
 def group_lag(bootstrap: str, group: str, topic: str, now_ms: int) -> list[PartitionLag] | None:
     """Per partition: committed offset of ``group``, log end offset, LAG, seconds; None if no group.
 
@@ -167,29 +198,39 @@ def group_lag(bootstrap: str, group: str, topic: str, now_ms: int) -> list[Parti
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="wmb-lag", request_timeout_ms=10_000)
     try:
         fetched = admin.list_group_offsets({group: None}).get(group, {})
-        committed = {
-            tp: meta.offset
-            for tp, meta in fetched.items()
-            if tp.topic == topic and meta.offset is not None and meta.offset >= 0
-        }
-        parts = admin.describe_topics([topic])[0].get("partitions", [])
-        tps = sorted(
-            (TopicPartition(topic, p["partition_index"]) for p in parts), key=lambda tp: tp.partition
-        )
-        latest = admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in tps}) if tps else {}
-        ends = {tp: latest[tp].offset for tp in tps}
     finally:
         admin.close()
-    if not committed:
-        return None
-    pending = {tp: committed[tp] for tp in tps if tp in committed and ends[tp] > committed[tp]}
-    with _consumer(bootstrap, "read_committed") as reader:
-        ages = _oldest_pending_age_s(reader, pending, now_ms)
-    out = []
-    for tp in tps:
-        pos = committed.get(tp)
-        behind = ends[tp] - (pos if pos is not None else 0)
-        out.append(PartitionLag(tp.partition, pos, ends[tp], behind, ages.get(tp, 0.0)))
+    committed = {
+        tp: meta.offset
+        for tp, meta in fetched.items()
+        if tp.topic == topic and meta.offset is not None and meta.offset >= 0
+    }
+    return _partition_lags(bootstrap, topic, committed, now_ms) if committed else None
+
+
+def relay_positions(dst_bootstrap: str, src_dc: str, dst_dc: str, topic: str) -> dict[TopicPartition, int]:
+    """The relay's committed checkpoints (next source offset per partition), read from the tail of the
+    compacted checkpoint topic: heartbeats move every partition each second, so a recent tail holds
+    the latest record of each."""
+    prefix = topics.relay_checkpoint_key(src_dc, dst_dc, topic, 0)[:-1]
+    cp_topic = topics.relay_checkpoint_topic()
+    out: dict[TopicPartition, int] = {}
+    with _consumer(dst_bootstrap, "read_committed") as reader:
+        parts = reader.partitions_for_topic(cp_topic) or set()
+        tps = [TopicPartition(cp_topic, p) for p in parts]
+        if not tps:
+            return out
+        reader.assign(tps)
+        ends = reader.end_offsets(tps)
+        for tp in tps:
+            reader.seek(tp, max(0, ends[tp] - 5000))
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(reader.position(tp) < ends[tp] for tp in tps):
+            for records in reader.poll(timeout_ms=200, max_records=5000).values():
+                for rec in records:
+                    if rec.key and rec.key.startswith(prefix) and rec.value:
+                        partition = int(rec.key[len(prefix) :])
+                        out[TopicPartition(topic, partition)] = int(orjson.loads(rec.value)["next_offset"])
     return out
 
 
@@ -249,6 +290,22 @@ def capture_lag(topology: Topology, source: str, now_ms: int) -> HopLag:
     hop.seconds = max(0.0, (now_ms - int(cp["written_ms"])) / 1000.0) if hop.behind else 0.0
     hop.partitions = [PartitionLag(0, cp_gtid.seq, head.seq, hop.behind, hop.seconds)]
     hop.detail = f"master {head}, captured {cp_gtid}"
+    return hop
+
+
+def _relay_hop(topology: Topology, route_from: str, route_to: str, topic: str, now_ms: int) -> HopLag:
+    """The relay's exact position is its checkpoint in the destination (committed with every local
+    transaction); its consumer group on the source cluster is only refreshed every few seconds, for
+    Kafka's own tools."""
+    hop = HopLag(route_to, f"relay:{route_from}->{route_to}", topics.relay_group(route_from, route_to), topic)
+    positions = relay_positions(topology.dc(route_to).kafka.bootstrap, route_from, route_to, topic)
+    if not positions:
+        hop.status, hop.detail = Status.ERR, "no relay checkpoint committed yet"
+        return hop
+    hop.partitions = _partition_lags(topology.dc(route_from).kafka.bootstrap, topic, positions, now_ms)
+    hop.behind = sum(p.behind for p in hop.partitions)
+    hop.seconds = max((p.seconds for p in hop.partitions), default=0.0)
+    hop.detail = "position: relay checkpoint"
     return hop
 
 

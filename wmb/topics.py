@@ -18,6 +18,11 @@ def relay_checkpoint_topic() -> str:
     return "wmb.relay.checkpoint"
 
 
+def relay_checkpoint_key(src_dc: str, dst_dc: str, topic: str, partition: int) -> bytes:
+    """Key of one relay checkpoint record; the value is ``{"next_offset": N}`` (next source offset)."""
+    return f"{src_dc}:{dst_dc}|{topic}|{partition}".encode()
+
+
 def control_topic() -> str:
     """Runtime commands for the daemons of one datacenter (route pause/resume/throttle)."""
     return "wmb.control"

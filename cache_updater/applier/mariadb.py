@@ -36,7 +36,7 @@ import pymysql
 from pymysql.constants import CLIENT
 
 from cache_updater.applier import sql
-from cache_updater.applier.marker import CONFLICTS_TABLE, MARKER_TABLE, STATE_TABLE, mark_ddl
+from cache_updater.applier.marker import CONFLICTS_TABLE, DONE_TABLE, MARKER_TABLE, STATE_TABLE, mark_ddl
 from cache_updater.applier.txn import SourceTxn, next_offsets
 from cache_updater.apply_settings import ApplySettings, ConflictPolicy, DdlPolicy
 from wmb import log
@@ -106,6 +106,13 @@ def state_ddl(schema: str) -> list[str]:
             txn_count BIGINT UNSIGNED NOT NULL,
             last_gtid VARCHAR(255) NULL,
             updated_at DATETIME(6) NOT NULL
+        ) ENGINE=InnoDB""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.{DONE_TABLE} (
+            source VARCHAR(255) NOT NULL,
+            topic VARCHAR(255) NOT NULL,
+            kafka_partition INT NOT NULL,
+            first_offset BIGINT NOT NULL,
+            PRIMARY KEY (source, topic, kafka_partition, first_offset)
         ) ENGINE=InnoDB""",
         f"""CREATE TABLE IF NOT EXISTS {s}.{CONFLICTS_TABLE} (
             id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
@@ -270,6 +277,47 @@ class MariaDBReplica:
                 raise ReplicaUnavailable(repr(exc)) from exc
             raise
 
+    def read_done(self, sources: Iterable[str]) -> set[tuple[str, int, int]]:
+        """``{(topic, partition, first_offset)}``: transactions committed beyond the position row."""
+        names = list(sources)
+        if not names:
+            return set()
+        marks = ",".join(sql.lit(s) for s in names)
+        with self.conn.cursor() as cur:
+            self._exec(
+                cur,
+                f"SELECT topic, kafka_partition, first_offset FROM {self._schema}.{DONE_TABLE} "
+                f"WHERE source IN ({marks})",
+            )
+            rows = cur.fetchall()
+        self.conn.commit()
+        return {(str(t), int(p), int(o)) for t, p, o in rows}
+
+    def write_watermarks(self, txns: Sequence[SourceTxn]) -> None:
+        """Move the position rows to the low watermark ``txns`` (the last transaction of each
+        partition's committed prefix) and forget the ``wmb_apply_done`` rows below it, atomically.
+
+        Only the coordinator calls this, so the position row is never a hot row of the workers.
+        """
+        if not txns:
+            return
+        try:
+            with self.conn.cursor() as cur:
+                for t in txns:
+                    self._exec(
+                        cur,
+                        f"DELETE FROM {self._schema}.{DONE_TABLE} WHERE source={sql.lit(t.source)} "
+                        f"AND topic={sql.lit(t.topic)} AND kafka_partition={t.partition} "
+                        f"AND first_offset < {t.next_offset}",
+                    )
+            self.write_positions(
+                [(t.source, t.topic, t.partition, t.next_offset, t.gtid) for t in txns], commit=False
+            )
+            self._commit()
+        except BaseException:
+            self.rollback_quietly()
+            raise
+
     def table_meta(self, database: str, table: str) -> TableMeta:
         key = (database, table)
         meta = self._meta.get(key)
@@ -292,8 +340,16 @@ class MariaDBReplica:
         self._meta.clear()
 
     # --- applying ---------------------------------------------------------------------------
-    def apply_group(self, txns: Sequence[SourceTxn]) -> GroupStats:
+    def apply_group(
+        self, txns: Sequence[SourceTxn], *, marker_key: str | None = None, done_rows: bool = False
+    ) -> GroupStats:
         """Apply whole source transactions + their position rows in ONE replica transaction.
+
+        Parallel apply (``done_rows``): a worker commits groups out of partition order, so instead of
+        the position row it writes one ``wmb_apply_done`` row per source transaction; the
+        coordinator moves the position row to the low watermark later (:meth:`write_watermarks`).
+        ``marker_key`` names the marker row (one per worker: a shared row would be a lock every
+        worker transaction holds from its first statement to its commit, i.e. no parallelism).
 
         Raises :class:`HaltedError` (after a rollback) on a conflict under the halt policy, and
         :class:`ReplicaUnavailable` when the connection breaks (the caller reconnects and
@@ -309,7 +365,7 @@ class MariaDBReplica:
                     cur,
                     f"INSERT INTO {self._schema}.{MARKER_TABLE} "
                     "(applier, txn_count, last_gtid, updated_at) "
-                    f"VALUES ({sql.lit(self.settings.dc)}, {len(txns)}, {sql.lit(last_gtid)}, "
+                    f"VALUES ({sql.lit(marker_key or self.settings.dc)}, {len(txns)}, {sql.lit(last_gtid)}, "
                     "UTC_TIMESTAMP(6)) "
                     "ON DUPLICATE KEY UPDATE txn_count=txn_count+VALUES(txn_count), "
                     "last_gtid=VALUES(last_gtid), updated_at=VALUES(updated_at)",
@@ -330,11 +386,21 @@ class MariaDBReplica:
                         stats.rows += 1
                         self._apply_row(cur, txn, event, batch, stats)
                 self._flush(cur, batch)
-                positions = [
-                    (t.source, topic, part, t.next_offset, t.gtid)
-                    for (topic, part), t in sorted(next_offsets(list(txns)).items())
-                ]
-                self.write_positions(positions, commit=False)
+                if done_rows:
+                    values = ",".join(
+                        f"({sql.lit(t.source)},{sql.lit(t.topic)},{t.partition},{t.first_offset})" for t in txns
+                    )
+                    self._exec(
+                        cur,
+                        f"INSERT INTO {self._schema}.{DONE_TABLE} "
+                        f"(source, topic, kafka_partition, first_offset) VALUES {values}",
+                    )
+                else:
+                    positions = [
+                        (t.source, topic, part, t.next_offset, t.gtid)
+                        for (topic, part), t in sorted(next_offsets(list(txns)).items())
+                    ]
+                    self.write_positions(positions, commit=False)
             self._commit()
         except BaseException:
             self.rollback_quietly()

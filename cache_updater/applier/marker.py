@@ -16,6 +16,7 @@ from collections.abc import Iterable
 MARKER_TABLE = "wmb_apply_marker"
 STATE_TABLE = "wmb_apply_state"
 CONFLICTS_TABLE = "wmb_apply_conflicts"
+DONE_TABLE = "wmb_apply_done"  # parallel apply: transactions committed beyond the position row
 DDL_MARKER = "/* wmb:applier */"
 
 
