@@ -36,7 +36,7 @@ import decimal
 import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -184,16 +184,205 @@ class NoPrimaryKeyError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class GuardedWrite:
-    """One EVALSHA of the guard: ``args`` are ARGV[3..] after (op, version)."""
+    """One EVALSHA of the guard: ``args`` are ARGV[3..] after (op, version).
+
+    ``resp`` / ``argc``, when set by :func:`plan`, are the RESP of everything after the script SHA
+    (``2 key tomb op version ttl args...``) and the command's total argument count, built while
+    planning from per-table constants so that the single-node pipeline only prepends the SHA.
+    """
 
     key: str
     op: str
     version: str
     ttl_ms: int
     args: tuple[bytes | str, ...] = ()
+    resp: bytes = field(default=b"", compare=False, repr=False)
+    argc: int = field(default=0, compare=False, repr=False)
 
     def argv(self) -> tuple[bytes | str | int, ...]:
         return (self.op, self.version, self.ttl_ms, *self.args)
+
+
+def _bulk_str(text: str) -> str:
+    """RESP bulk string of ``text`` as a str (its length counted in UTF-8 bytes)."""
+    return f"${len(text) if text.isascii() else len(text.encode())}\r\n{text}\r\n"
+
+
+def _typed(kind: type, fn: Callable[[Any], str]) -> Callable[[Any], str]:
+    """``fn`` for values of exactly ``kind`` (what the codec decodes the tag to), else :func:`render`."""
+
+    def rend(value: Any) -> str:
+        return fn(value) if type(value) is kind else render(value)
+
+    return rend
+
+
+def _same_str(value: Any) -> str:
+    return value if type(value) is str else render(value)
+
+
+# Per base type tag: the renderer of the value wmb.codec decodes that tag to.  The result is always
+# render(value); the tag only picks the likely type first (zero dates arrive as str, handled there).
+_BY_TAG: dict[str, Callable[[Any], str]] = {
+    "int": _typed(int, int.__repr__),
+    "uint": _typed(int, int.__repr__),
+    "year": _typed(int, int.__repr__),
+    "decimal": _typed(decimal.Decimal, decimal.Decimal.__str__),
+    "float": _typed(float, float.__repr__),
+    "double": _typed(float, float.__repr__),
+    "text": _same_str,
+    "enum": _same_str,
+    "json": _same_str,
+    "set": _same_str,
+    "bit": _typed(bytes, _b64),
+    "binary": _typed(bytes, _b64),
+    "geometry": _typed(bytes, _b64),
+    "datetime": _typed(dt.datetime, _datetime),
+    "timestamp": _typed(dt.datetime, _datetime),
+    "date": _typed(dt.date, dt.date.isoformat),
+    "time": _typed(dt.timedelta, _render_time),
+}
+
+
+def _renderer(tag: Any) -> Callable[[Any], str]:
+    if not isinstance(tag, str):
+        return render
+    return _BY_TAG.get(tag.partition(":")[0], render)
+
+
+class _TablePlan:
+    """What :func:`plan` needs of one (cache table, ``columns`` map), computed once, not per event.
+
+    Holds the key template split into literals and columns, each column's type-specialised
+    renderer and its pre-rendered RESP bulk (column names repeat in every write), and the RESP of
+    the constant arguments (op, TTLs).  Reused while an event's ``columns`` equals ``tags``.
+    """
+
+    __slots__ = (
+        "table",
+        "tags",
+        "renderers",
+        "key_parts",
+        "key_single",
+        "names",
+        "name_bulks",
+        "ttl_ms",
+        "tomb_ms",
+        "write_tail",
+        "delete_tail",
+        "json",
+        "invalidate",
+    )
+
+    def __init__(self, table: TableCache, tags: Mapping[str, str], tomb_ms: int) -> None:
+        self.table = table
+        self.tags = dict(tags)
+        self.renderers: dict[str, Callable[[Any], str]] = {c: _renderer(t) for c, t in tags.items()}
+        self.key_parts = _template(table.key)
+        # "prefix{col}" is the common shape: one lookup and one concatenation.
+        parts = self.key_parts
+        self.key_single = parts[0] if len(parts) == 1 and parts[0][1] is not None else None
+        self.names = table.columns
+        self.name_bulks: dict[str, str] = {}
+        self.ttl_ms = int(table.ttl_s * 1000) if table.ttl_s else 0
+        self.tomb_ms = tomb_ms
+        self.json = table.format == "json"
+        self.invalidate = table.mode == "invalidate"
+        ttl = str(self.ttl_ms)
+        self.write_tail = f"${len(ttl)}\r\n{ttl}\r\n"
+        tomb = str(tomb_ms)
+        self.delete_tail = f"${len(tomb)}\r\n{tomb}\r\n"
+
+    def name_bulk(self, name: str) -> str:
+        bulk = self.name_bulks.get(name)
+        if bulk is None:
+            bulk = self.name_bulks[name] = _bulk_str(name)
+        return bulk
+
+    def key(self, primary: Mapping[str, Any], image: Mapping[str, Any]) -> str:
+        """make_key over ``{**image, **primary}``; KeyError if a key column lacks or is NULL."""
+        single = self.key_single
+        if single is not None:
+            col = single[1]
+            v = primary[col] if col in primary else image[col]
+            if v is None:
+                raise KeyError(col)
+            fn = self.renderers.get(col, render)  # type: ignore[arg-type]
+            return single[0] + fn(v)
+        out: list[str] = []
+        for literal, col in self.key_parts:
+            out.append(literal)
+            if col is not None:
+                v = primary[col] if col in primary else image[col]
+                if v is None:
+                    raise KeyError(col)
+                out.append(self.renderers.get(col, render)(v))
+        return "".join(out)
+
+    def delete(self, key: str, version: str) -> GuardedWrite:
+        tomb = tombstone_key(key)
+        resp = f"$1\r\n2\r\n{_bulk_str(key)}{_bulk_str(tomb)}$1\r\nd\r\n${len(version)}\r\n{version}\r\n{self.delete_tail}"
+        return GuardedWrite(key, OP_DELETE, version, self.tomb_ms, (), resp.encode(), 8)
+
+    def refresh(self, key: str, version: str, after: Mapping[str, Any]) -> GuardedWrite:
+        renderers = self.renderers
+        names = self.names if self.names is not None else after
+        head = (
+            f"$1\r\n2\r\n{_bulk_str(key)}{_bulk_str(tombstone_key(key))}"
+            f"$1\r\n{OP_JSON if self.json else OP_HASH}\r\n${len(version)}\r\n{version}\r\n{self.write_tail}"
+        )
+        if self.json:
+            doc: dict[str, str | None] = {VERSION_FIELD: version}
+            for c in names:
+                if c in after:
+                    v = after[c]
+                    doc[c] = None if v is None else renderers.get(c, render)(v)
+            raw = orjson.dumps(doc)
+            resp = head.encode() + b"$%d\r\n%s\r\n" % (len(raw), raw)
+            return GuardedWrite(key, OP_JSON, version, self.ttl_ms, (raw,), resp, 9)
+        pairs: list[str] = []
+        nulls: list[str] = []
+        body: list[str] = []
+        null_body: list[str] = []
+        name_bulk = self.name_bulk
+        for c in names:
+            if c not in after:
+                continue
+            v = after[c]
+            if v is None:
+                nulls.append(c)
+                null_body.append(name_bulk(c))
+                continue
+            text = v if type(v) is str else renderers.get(c, render)(v)
+            pairs += (c, text)
+            body.append(
+                f"{name_bulk(c)}${len(text) if text.isascii() else len(text.encode())}\r\n{text}\r\n"
+            )
+        count = str(len(body))
+        resp = f"{head}${len(count)}\r\n{count}\r\n{''.join(body)}{''.join(null_body)}".encode()
+        return GuardedWrite(
+            key, OP_HASH, version, self.ttl_ms, (count, *pairs, *nulls), resp, 9 + len(pairs) + len(nulls)
+        )
+
+
+# (id(table), tombstone ms) -> plan; the plan keeps its table, so the id cannot be reused under it.
+_TABLE_PLANS: dict[tuple[int, int], _TablePlan] = {}
+_TABLE_PLANS_MAX = 4096
+
+
+def _table_plan(table: TableCache, tags: Mapping[str, str], tomb_ms: int) -> _TablePlan:
+    slot = (id(table), tomb_ms)
+    found = _TABLE_PLANS.get(slot)
+    if found is not None and found.table is table and found.tags == tags:
+        return found
+    built = _TablePlan(table, tags, tomb_ms)
+    if len(_TABLE_PLANS) >= _TABLE_PLANS_MAX:
+        _TABLE_PLANS.clear()  # a cache: thousands of tables just rebuild their plans
+    _TABLE_PLANS[slot] = built
+    return built
+
+
+_ROW_OPS = (Op.INSERT, Op.UPDATE, Op.DELETE)
 
 
 def plan(event: ChangeEvent, table: TableCache, tombstone_ttl_s: float) -> list[GuardedWrite]:
@@ -202,44 +391,33 @@ def plan(event: ChangeEvent, table: TableCache, tombstone_ttl_s: float) -> list[
     An UPDATE that changes the key columns deletes the old key (versioned tombstone) and writes the
     new one, both with the event's version.
     """
-    if event.op not in (Op.INSERT, Op.UPDATE, Op.DELETE):
+    op = event.op
+    if op not in _ROW_OPS:
         return []
-    if not event.pk:
+    pk = event.pk
+    if not pk:
         raise NoPrimaryKeyError(f"{event.database}.{event.table}: row event without a primary key")
+    tp = _table_plan(table, event.columns, int(tombstone_ttl_s * 1000))
     version = event.version.as_score()
-    tomb_ms = int(tombstone_ttl_s * 1000)
     after = event.after or {}
     before = event.before or {}
     try:
-        key_now = make_key(table, {**(before if event.op == Op.DELETE else after), **event.pk})
+        key_now = tp.key(pk, before if op == Op.DELETE else after)
     except KeyError as exc:
         raise NoPrimaryKeyError(f"{event.database}.{event.table}: key column {exc} missing or NULL") from None
-    key_before: str | None = None
-    if event.op == Op.UPDATE and before:
+    writes: list[GuardedWrite] = []
+    if op == Op.UPDATE and before:
         # The envelope's pk is the after image's; the before image names the old key (pk change).
         try:
-            key_before = make_key(table, before)
+            key_before: str | None = tp.key(before, before)
         except KeyError:
             key_before = None
-    writes: list[GuardedWrite] = []
-    if key_before is not None and key_before != key_now:
-        writes.append(GuardedWrite(key_before, OP_DELETE, version, tomb_ms))
-    if event.op == Op.DELETE or table.mode == "invalidate":
-        writes.append(GuardedWrite(key_now, OP_DELETE, version, tomb_ms))
+        if key_before is not None and key_before != key_now:
+            writes.append(tp.delete(key_before, version))
+    if op == Op.DELETE or tp.invalidate:
+        writes.append(tp.delete(key_now, version))
         return writes
-    ttl_ms = int(table.ttl_s * 1000) if table.ttl_s else 0
-    row = rendered_row(after, table.columns)
-    if table.format == "json":
-        writes.append(GuardedWrite(key_now, OP_JSON, version, ttl_ms, (json_document(version, row),)))
-    else:
-        pairs: list[str] = []
-        nulls: list[str] = []
-        for col, text in row.items():
-            if text is None:
-                nulls.append(col)
-            else:
-                pairs += (col, text)
-        writes.append(GuardedWrite(key_now, OP_HASH, version, ttl_ms, (str(len(pairs) // 2), *pairs, *nulls)))
+    writes.append(tp.refresh(key_now, version, after))
     return writes
 
 
@@ -362,6 +540,8 @@ def _bulk(arg: bytes | str | int) -> bytes:
 
 def pack_evalsha(sha: bytes, w: GuardedWrite) -> bytes:
     """RESP of ``EVALSHA sha 2 key tomb op version ttl args...``."""
+    if w.resp:
+        return b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n%s" % (w.argc, len(sha), sha, w.resp)
     argv = (w.key, tombstone_key(w.key), *w.argv())
     return b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$1\r\n2\r\n%s" % (
         len(argv) + 3,
