@@ -1,7 +1,6 @@
 """Capture throughput vs the bare python-mysql-replication library, on the same binlog, same process.
 
     .venv/bin/python bench/bench_capture.py [--big-txns 100] [--small-txns 10000] [--compression zstd]
-        [--modes thread,subproc]
 
 Starts a private MariaDB and Kafka (wmb.servers) in a temp dir, writes two workloads (500-row
 transactions and 1-row transactions), then for each one reads the same binlog range:
@@ -10,8 +9,6 @@ transactions and 1-row transactions), then for each one reads the same binlog ra
 * ``capture``: the daemon's own pipeline (``CaptureDaemon.pipe``): the reader thread (TxnReader with
   the table-map memo and filtering -> EventBuilder -> codec.encode) feeding the main thread's
   transactional Kafka producer, committed every 10 ms / 5000 events with the checkpoint;
-* ``capture [subproc]``: the same with the binlog side in a child process
-  (``decode_in_subprocess``, binlog_capture/subproc.py), spawned before the clock starts;
 * ``capture-nokafka``: TxnReader -> EventBuilder -> codec.encode in one thread, no producer (what the
   binlog side costs).
 
@@ -36,7 +33,6 @@ from binlog_capture.events import EventBuilder
 from binlog_capture.reader import StartPoint, TxnReader
 from binlog_capture.settings import CaptureSettings
 from binlog_capture.sink import Checkpoint
-from binlog_capture.subproc import DecoderProcess
 from wmb import codec, values
 from wmb.servers import KafkaServer, MariaDBServer
 
@@ -93,8 +89,6 @@ def capture(
     rows: int,
     source: str,
     commit_interval_ms: int = 10,
-    *,
-    subproc: bool = False,
     compression: str = "zstd",
 ) -> tuple[float, list[float]]:
     settings = CaptureSettings(
@@ -109,7 +103,6 @@ def capture(
         partitions=1,
         commit_interval_ms=commit_interval_ms,
         compression=compression,  # type: ignore[arg-type]
-        decode_in_subprocess=subproc,
     )
     reader_conn = dict(host=db.host, port=db.port, user=db.user, password=db.password)
     if kafka is None:
@@ -127,25 +120,16 @@ def capture(
         return latency
 
     daemon.sink.commit = timed_commit  # type: ignore[method-assign,assignment]
-    if subproc:
-        # Spawned and imported before the clock starts: the daemon spawns it before preflight.
-        decoder = DecoderProcess(settings).spawn()
-        decoder.wait_ready()
-    else:
-        reader = TxnReader(
-            reader_conn,
-            settings.server_id,
-            StartPoint(start),
-            table_filter=daemon.builder.filter,
-            blocking=False,
-        )
+    reader = TxnReader(
+        reader_conn,
+        settings.server_id,
+        StartPoint(start),
+        table_filter=daemon.builder.filter,
+        blocking=False,
+    )
     t0 = time.perf_counter()
     try:
-        # returns once the (non-blocking) stream has ended and is committed
-        if subproc:
-            daemon.pipe_decoded(decoder, StartPoint(start), blocking=False)
-        else:
-            daemon.pipe(reader)
+        daemon.pipe(reader)  # returns once the (non-blocking) stream has ended and is committed
         dt = time.perf_counter() - t0
     finally:
         daemon.sink.close()
@@ -182,9 +166,8 @@ def main() -> None:
     ap.add_argument("--small-txns", type=int, default=10_000, help="1-row transactions")
     ap.add_argument("--repeat", type=int, default=3, help="best of N")
     ap.add_argument("--commit-interval-ms", type=int, default=10, help="Kafka transaction cadence")
-    ap.add_argument("--compression", default="zstd", choices=["none", "gzip", "lz4", "zstd"])
     ap.add_argument(
-        "--modes", default="thread,subproc", help="capture modes to run: thread (reader thread), subproc"
+        "--compression", default="zstd", choices=["none", "gzip", "lz4", "zstd"], help="producer codec"
     )
     args = ap.parse_args()
     values.install_library_fixes()
@@ -200,34 +183,21 @@ def main() -> None:
                 start, _end, rows = write_workload(db, schema, txns, per)
                 b = max(bare(db, start, rows) for _ in range(args.repeat))
                 c0 = max(capture(db, None, start, rows, f"bench{schema}0")[0] for _ in range(args.repeat))
-                lines = [
-                    f"{label}: {rows} rows (compression {args.compression})",
-                    f"  bare library      {b:10.0f} rows/s",
-                    f"  capture (no kafka){c0:10.0f} rows/s  ratio {c0 / b:5.2f}",
-                ]
-                for mode in args.modes.split(","):
-                    runs = [
-                        capture(
-                            db,
-                            kafka,
-                            start,
-                            rows,
-                            f"bench{schema}{mode}{i}",
-                            args.commit_interval_ms,
-                            subproc=mode == "subproc",
-                            compression=args.compression,
-                        )
-                        for i in range(args.repeat)
-                    ]
-                    ck = max(r[0] for r in runs)
-                    lat = sorted(x for r in runs for x in r[1])
-                    p50 = statistics.median(lat) * 1000 if lat else float("nan")
-                    p99 = lat[int(len(lat) * 0.99) - 1] * 1000 if lat else float("nan")
-                    lines.append(f"  capture + kafka   {ck:10.0f} rows/s  ratio {ck / b:5.2f}  [{mode}]")
-                    lines.append(
-                        f"    kafka commit latency p50 {p50:.1f} ms  p99 {p99:.1f} ms  ({len(lat)} commits)"
+                runs = [
+                    capture(
+                        db, kafka, start, rows, f"bench{schema}{i}", args.commit_interval_ms, args.compression
                     )
-                print("\n".join(lines), flush=True)
+                    for i in range(args.repeat)
+                ]
+                ck = max(r[0] for r in runs)
+                lat = sorted(x for r in runs for x in r[1])
+                p50 = statistics.median(lat) * 1000 if lat else float("nan")
+                p99 = lat[int(len(lat) * 0.99) - 1] * 1000 if lat else float("nan")
+                print(f"{label}: {rows} rows (compression {args.compression})")
+                print(f"  bare library      {b:10.0f} rows/s")
+                print(f"  capture (no kafka){c0:10.0f} rows/s  ratio {c0 / b:5.2f}")
+                print(f"  capture + kafka   {ck:10.0f} rows/s  ratio {ck / b:5.2f}")
+                print(f"  kafka commit latency p50 {p50:.1f} ms  p99 {p99:.1f} ms  ({len(lat)} commits)")
         finally:
             kafka.stop()
             db.stop()

@@ -7,9 +7,6 @@ commits a Kafka transaction every ``commit_interval_ms`` or ``commit_max_events`
 heartbeat thread upserts the heartbeat row.  A source transaction is never split: a 10k-row one
 rides in one Kafka transaction.
 
-With ``decode_in_subprocess`` (default) the reader side runs in a child process instead
-(:mod:`binlog_capture.subproc`), which hands over the same complete, encoded transactions.
-
 Why the work sits on the reader side: a commit blocks the main thread for a broker round trip or
 two (~5-15 ms) with the GIL released, so every CPU step (decode, build, encode) belongs to the
 thread that keeps running meanwhile.  ``commit_interval_ms`` is a latency bound, not a rate: when
@@ -42,7 +39,6 @@ from binlog_capture.reader import (
 )
 from binlog_capture.settings import CaptureSettings
 from binlog_capture.sink import Checkpoint, KafkaTxnSink
-from binlog_capture.subproc import DecoderProcess
 from wmb import codec, log, topics, values
 from wmb.errors import ConfigError, ExitCode, FencedError, GaveUpError, PreflightError, WmbError
 from wmb.event import Gtid
@@ -129,7 +125,6 @@ class CaptureDaemon:
         self._queue: queue.Queue[_QueueItem] = queue.Queue(maxsize=512)
         self._reader: TxnReader | None = None
         self._reader_thread: threading.Thread | None = None
-        self._decoder: DecoderProcess | None = None  # decode_in_subprocess: the child's handle
         self._master_server_id = 0
         self.last_checkpoint: Checkpoint | None = None
         self.metrics_port: int | None = None  # the bound port once serving (settings may say 0)
@@ -182,9 +177,6 @@ class CaptureDaemon:
             self.metrics_port = metrics_server.port
         hb: heartbeat.HeartbeatWriter | None = None
         try:
-            if self.s.decode_in_subprocess:
-                # Spawned first: the child's imports overlap preflight and init_transactions.
-                self._decoder = DecoderProcess(self.s).spawn()
             conn = self._with_retry("mysql connect", self.connect, _MYSQL_RETRYABLE)
             try:
                 binlog = preflight.run(conn, self.s.mysql_user)
@@ -216,12 +208,7 @@ class CaptureDaemon:
                 self.s.heartbeat_interval_s,
                 self.stop,
             ).start()
-            if self._decoder is not None:
-                self._decoder.begin(
-                    start, master_server_id=self._master_server_id, partitions=self.sink.partitions
-                )
-            else:
-                self._start_reader(start)
+            self._start_reader(start)
             self.started.set()
             self._loop()
         finally:
@@ -229,8 +216,6 @@ class CaptureDaemon:
                 hb.stop()
             if self._reader is not None:
                 self._reader.close()
-            if self._decoder is not None:
-                self._decoder.close()
             self.sink.close()
             if metrics_server is not None:
                 metrics_server.stop()
@@ -381,28 +366,13 @@ class CaptureDaemon:
         finally:
             reader.close()
 
-    def pipe_decoded(self, decoder: DecoderProcess, start: StartPoint, *, blocking: bool = False) -> None:
-        """:meth:`pipe` with the binlog side in ``decoder`` (spawned by the caller, so that its
-        start-up is not part of a measurement); closes it on return."""
-        self.builder.partitions = self.sink.partitions
-        self._decoder = decoder
-        decoder.begin(
-            start, master_server_id=self._master_server_id, partitions=self.sink.partitions, blocking=blocking
-        )
-        try:
-            self._loop()
-        finally:
-            decoder.close()
-            self._decoder = None
-
     def _loop(self) -> None:
         s = self.s
         interval_s = s.commit_interval_ms / 1000.0
         max_events = s.commit_max_events
         sink = self.sink
         send = sink.send
-        feed: queue.Queue[_QueueItem] | DecoderProcess = self._decoder or self._queue
-        get, get_nowait = feed.get, feed.get_nowait
+        get, get_nowait = self._queue.get, self._queue.get_nowait
         batch_started = 0.0
         pending_events = pending_txns = pending_bytes = 0
         last_txn: SourceTxn | None = None
@@ -469,6 +439,7 @@ class CaptureDaemon:
         )
 
     def _commit(self, txn: SourceTxn, events: int, txns: int, nbytes: int) -> None:
+        assert self._reader is not None
         cp = Checkpoint(
             source=self.s.source,
             gtid_state=txn.gtid_state,
@@ -492,10 +463,7 @@ class CaptureDaemon:
 
     # -- health ----------------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict[str, Any]]:
-        if self._decoder is not None:
-            alive = self._decoder.alive
-        else:
-            alive = self._reader_thread is not None and self._reader_thread.is_alive()
+        alive = self._reader_thread is not None and self._reader_thread.is_alive()
         behind = self.metrics.seconds_behind()
         ok = alive and not self.stop.stopped and (behind != behind or behind < 60)  # NaN = no commit yet
         return ok, {

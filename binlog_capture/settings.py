@@ -66,8 +66,6 @@ class CaptureSettings:
     #: codec of the produced batches; the relay ships them over the WAN as stored, so this is what
     #: the WAN link carries (librdkafka compresses off the GIL).
     compression: CompressionKind = "zstd"
-    #: run binlog read + event build + encode in a child process (see binlog_capture/subproc.py).
-    decode_in_subprocess: bool = True
 
     def __post_init__(self) -> None:
         if self.ordering not in ("database", "table", "row"):

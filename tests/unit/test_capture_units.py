@@ -185,6 +185,10 @@ def test_settings_json_round_trip_and_validation() -> None:
         _settings(mask_columns={"a.b": "hash"})
     with pytest.raises(ConfigError):
         CaptureSettings.from_mapping({"source": "s", "bogus": 1})
+    assert s.compression == "zstd"  # the WAN carries the capture's batches as they are
+    assert _settings(compression="lz4").compression == "lz4"
+    with pytest.raises(ConfigError):
+        _settings(compression="snappy")
 
 
 def test_fenced_detection() -> None:
@@ -208,8 +212,7 @@ def test_settings_from_topology() -> None:
     from binlog_capture.settings import settings_from_topology
     from wmb.topology import parse_topology
 
-    topo = parse_topology(
-        """
+    text = """
 version: 1
 epoch: 4
 datacenters:
@@ -225,11 +228,14 @@ sources:
     partitions: 6
     ordering: table
 """
-    )
+    topo = parse_topology(text)
     s = settings_from_topology(topo, "main", metrics_port=9500)
     assert (s.source, s.origin_dc, s.mysql_port, s.mysql_password) == ("main", "bj", 3306, "pw")
     assert s.include == ("app.*",) and s.mask_columns == {"app.users.email": "hash"}
     assert (s.partitions, s.ordering, s.epoch, s.metrics_port) == (6, "table", 4, 9500)
     assert s.server_id != 1 and s.kafka_bootstrap == "127.0.0.1:9092"
+    assert s.compression == "zstd"  # the Source default
     with pytest.raises(ConfigError):
         settings_from_topology(topo, "nope")
+    lz4 = parse_topology(text.replace("    ordering: table\n", "    ordering: table\n    compression: lz4\n"))
+    assert settings_from_topology(lz4, "main").compression == "lz4"
