@@ -2,6 +2,7 @@
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DURATION ?= 60
+DEMO_FLAGS ?=
 
 .PHONY: install demo test lint typecheck unit integration long bench clean
 
@@ -10,7 +11,7 @@ install:
 
 ## The main job: a local two-datacenter sandbox (bj -> 20 ms link -> gz) running the whole pipeline.
 demo: install
-	$(BIN)/wmb sandbox demo --up --duration $(DURATION)
+	$(BIN)/wmb sandbox demo --up --duration $(DURATION) $(DEMO_FLAGS)
 
 ## Every check CI runs: lint, types, unit, integration and bounded fault tests against real servers.
 test: install lint typecheck

@@ -1,4 +1,5 @@
-"""The README's first command, end to end: `wmb sandbox up`, `demo`, `status`, `lag`, `down`.
+"""The README's first command, end to end: `make demo` (install, `wmb sandbox up`, `demo`), then
+`status`, `lag` and `down`.
 
 Everything runs as the operator would run it: separate `wmb` processes against one state directory.
 The demo writes a social-app load on the bj master for a few seconds; the test then checks that it
@@ -23,9 +24,13 @@ DEMO_SECONDS = float(os.environ.get("WMB_TEST_DEMO_SECONDS", "8"))
 
 
 def _wmb(state_dir: Path, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+    return _run(state_dir, sys.executable, "-m", "wmb.cli", *args, timeout_s=timeout_s)
+
+
+def _run(state_dir: Path, *argv: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, WMB_SANDBOX_DIR=str(state_dir), WMB_LOG_LEVEL="WARNING")
     return subprocess.run(
-        [sys.executable, "-m", "wmb.cli", *args],
+        list(argv),
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -44,12 +49,22 @@ def _pid_alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_sandbox_up_demo_verify_down(tmp_path: Path) -> None:
+def test_make_demo_then_status_lag_and_down(tmp_path: Path) -> None:
+    """`make demo` (the README's first command: install, `sandbox up`, `sandbox demo`) with a short
+    duration, then `status`, `lag` and `down` against the sandbox it left up."""
     state_dir = tmp_path / "sandbox"
     status: dict[str, Any] = {}
     try:
-        up = _wmb(state_dir, "sandbox", "up")
-        assert up.returncode == 0, up.stderr[-4000:]
+        demo = _run(
+            state_dir,
+            "make",
+            "demo",
+            f"DURATION={DEMO_SECONDS:g}",
+            "DEMO_FLAGS=--json --rate 100",
+            timeout_s=900,
+        )
+        assert demo.returncode == 0, (demo.stdout[-3000:], demo.stderr[-4000:])
+        report = json.loads([line for line in demo.stdout.splitlines() if line.startswith("{")][-1])
 
         st = _wmb(state_dir, "sandbox", "status", "--json")
         assert st.returncode == 0, st.stderr[-2000:]
@@ -62,19 +77,6 @@ def test_sandbox_up_demo_verify_down(tmp_path: Path) -> None:
         assert set(daemons) == {"capture:main", "relay:bj:gz", "cache", "apply"}
         assert all(d["ok"] and d["pid"] and d["metrics_port"] for d in daemons.values()), daemons
 
-        demo = _wmb(
-            state_dir,
-            "sandbox",
-            "demo",
-            "--no-up",
-            "--duration",
-            str(DEMO_SECONDS),
-            "--rate",
-            "100",
-            "--json",
-        )
-        assert demo.returncode == 0, demo.stderr[-4000:]
-        report = json.loads(demo.stdout)
         print(json.dumps({k: v for k, v in report.items() if k != "verify"}, indent=1))
         assert report["transactions"] > 0 and report["workload_errors"] == 0
         assert report["caught_up"]
