@@ -45,6 +45,9 @@ class ApplySettings:
     ``state_schema``: where ``wmb_apply_state`` / ``wmb_apply_marker`` / ``wmb_apply_conflicts`` live.
     ``group_max_txns`` / ``group_max_ms``: group commit bound (several whole source transactions in
     one replica transaction; a source transaction is never split).
+    ``parallel_workers``: > 1 applies transactions whose write sets do not overlap concurrently on
+    that many connections (:mod:`cache_updater.applier.parallel`); topology ``parallel.enabled``
+    (default false) gates it.
     """
 
     dc: str
@@ -57,7 +60,7 @@ class ApplySettings:
     conflict_per_table: Mapping[str, ConflictPolicy] = field(default_factory=dict)
     group_max_txns: int = 200
     group_max_ms: int = 50
-    parallel_workers: int = 0  # 0/1 = single connection (parallel apply is not built yet)
+    parallel_workers: int = 0  # 0/1 = one connection; N > 1 = applier.parallel on N workers
     state_schema: str = "wmb"
     topic_prefix: str = ""
     consumer_group: str = ""  # default: wmb-apply-<dc>; offsets committed for monitoring only

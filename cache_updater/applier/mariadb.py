@@ -388,7 +388,8 @@ class MariaDBReplica:
                 self._flush(cur, batch)
                 if done_rows:
                     values = ",".join(
-                        f"({sql.lit(t.source)},{sql.lit(t.topic)},{t.partition},{t.first_offset})" for t in txns
+                        f"({sql.lit(t.source)},{sql.lit(t.topic)},{t.partition},{t.first_offset})"
+                        for t in txns
                     )
                     self._exec(
                         cur,

@@ -27,8 +27,9 @@ The :class:`Dispatcher` is pure (unit tested); :class:`WorkerPool` adds threads 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,12 +195,15 @@ class WorkerPool:
         self.dispatcher = Dispatcher(workers)
         self.replicas = [MariaDBReplica(settings) for _ in range(workers)]
         self._queues: list[deque[SourceTxn]] = [deque() for _ in range(workers)]
+        self._queued_at: list[float] = [0.0] * workers  # when a worker's queue last became non-empty
+        self._waiting = 0  # the coordinator waits for commits: workers should not hold back groups
         self._cond = threading.Condition()
         self._stopping = False
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
         self._on_commit = on_commit
         self._max_group = max(1, settings.group_max_txns)
+        self._max_wait_s = max(0, settings.group_max_ms) / 1000.0
         self._max_in_flight = max_in_flight or workers * self._max_group * 2
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -253,15 +257,23 @@ class WorkerPool:
         with self._cond:
             while True:
                 self._check()
-                if self.dispatcher.in_flight < self._max_in_flight:
+                full = self.dispatcher.in_flight >= self._max_in_flight
+                if not full:
                     worker = self.dispatcher.place(txn, keys)
                     if worker is not None:
-                        self._queues[worker].append(txn)
-                        self._cond.notify_all()
+                        q = self._queues[worker]
+                        if not q:
+                            self._queued_at[worker] = time.monotonic()
+                        q.append(txn)
+                        if len(q) == 1 or len(q) >= self._max_group:  # wake it: start the clock / go
+                            self._cond.notify_all()
                         return True
                 if stop():
                     return False
-                self._cond.wait(0.1)
+                if full:  # backpressure only: full groups are queued, no need to hurry the workers
+                    self._cond.wait(0.1)
+                else:  # a conflict: the workers holding its keys must commit now
+                    self._wait_for_commits()
 
     def skip(self, txn: SourceTxn) -> None:
         with self._cond:
@@ -274,9 +286,17 @@ class WorkerPool:
                 self._check()
                 if stop is not None and stop():
                     return False
-                self._cond.wait(0.1)
+                self._wait_for_commits()
             self._check()
             return True
+
+    def _wait_for_commits(self) -> None:
+        self._waiting += 1
+        self._cond.notify_all()
+        try:
+            self._cond.wait(0.1)
+        finally:
+            self._waiting -= 1
 
     def take_watermarks(self) -> list[SourceTxn]:
         with self._cond:
@@ -294,11 +314,20 @@ class WorkerPool:
         q = self._queues[i]
         while True:
             with self._cond:
-                while not q and not self._stopping:
-                    self._cond.wait()
+                # Group commit per worker: take a full group, or what is there once the oldest
+                # queued transaction waited group_max_ms, or at once when the coordinator waits.
+                while not self._stopping:
+                    if q:
+                        age = time.monotonic() - self._queued_at[i]
+                        if len(q) >= self._max_group or self._waiting or age >= self._max_wait_s:
+                            break
+                        self._cond.wait(self._max_wait_s - age)
+                    else:
+                        self._cond.wait()
                 if self._stopping:
                     return
                 group = [q.popleft() for _ in range(min(len(q), self._max_group))]
+                self._queued_at[i] = time.monotonic()
             try:
                 stats = replica.apply_group(group, marker_key=marker, done_rows=True)
             except BaseException as exc:
@@ -324,7 +353,7 @@ def table_unique_keys(replica: MariaDBReplica) -> UniqueKeysOf:
     return of
 
 
-__all__: Iterable[str] = [
+__all__ = [
     "Dispatcher",
     "Key",
     "WorkerFailed",

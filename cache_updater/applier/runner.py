@@ -5,11 +5,16 @@ row per (source, topic, partition), written in the same replica transaction as t
 On start and after every replica failure we roll back, re-read those rows and ``seek`` each
 partition there; Kafka group offsets are committed *after* the replica commit, for monitoring only,
 and never read back.  A crash at any point therefore replays exactly the uncommitted suffix.
+
+With ``parallel_workers`` > 1 the rows are applied by :class:`~cache_updater.applier.parallel.WorkerPool`
+and the position row is the low watermark plus ``wmb_apply_done`` rows (see that module): on seek,
+transactions with a done row are skipped, in both modes.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +26,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge
 
 from cache_updater.applier.mariadb import GroupStats, MariaDBReplica, ReplicaUnavailable, is_transient
+from cache_updater.applier.parallel import WorkerFailed, WorkerPool, table_unique_keys, txn_id, write_set
 from cache_updater.applier.txn import GroupBuffer, SourceTxn, TxnAssembler
 from cache_updater.apply_settings import ApplySettings
 from wmb import codec, log
@@ -98,6 +104,13 @@ class ApplyRunner:
         self._source_of_topic = {t: s for s, t in settings.topics}
         self._last_offset_commit = 0.0
         self._committed: dict[TopicPartition, int] = {}
+        self._done: set[tuple[str, int, int]] = set()  # committed beyond the position rows
+        self._status_lock = threading.Lock()  # workers report commits from their threads
+        self._pool: WorkerPool | None = None
+        if settings.parallel_workers > 1:
+            self._pool = WorkerPool(settings, settings.parallel_workers, self._after_commit)
+        self._unique_keys_of = table_unique_keys(self.replica)
+        self._last_watermark_at = 0.0
 
     # --- lifecycle --------------------------------------------------------------------------
     def run(self) -> None:
@@ -107,6 +120,8 @@ class ApplyRunner:
         try:
             self._assign()
             self._seek_from_replica()
+            if self._pool is not None:
+                self._pool.start()
             while not self.stop.stopped:
                 try:
                     self._step()
@@ -115,10 +130,16 @@ class ApplyRunner:
             # SIGTERM: intake is stopped; commit the whole transactions already read.
             try:
                 self._flush_group()
+                if self._pool is not None:
+                    self._worker_errors(self._pool.drain)
+                    self._write_watermarks(force=True)
             except ReplicaUnavailable as exc:
                 _log.warning("final_flush_failed", error=str(exc))
             self._commit_offsets(force=True)
         finally:
+            if self._pool is not None:
+                self._pool.stop()
+                self._pool.close()
             self._consumer.close(autocommit=False)
             self.replica.close()
             self.status.connected = False
@@ -142,6 +163,8 @@ class ApplyRunner:
                         raise GaveUpError("stopped while connecting to the replica")
                     self.replica.connect()
                     self.replica.ensure_schema()
+                    if self._pool is not None:
+                        self._pool.connect()
         except ReplicaUnavailable as exc:
             raise GaveUpError(f"replica unreachable: {exc}") from exc
         self.status.connected = True
@@ -188,6 +211,11 @@ class ApplyRunner:
                 self._consumer.seek(tp, saved[0])
             self._assemblers[tp].reset()
         self._group.clear()
+        self._done = {
+            d
+            for d in self.replica.read_done(self.settings.sources)
+            if d[2] >= positions.get(d[:2], (0, None))[0]
+        }
         _log.info("seeked_from_replica", positions={f"{t}[{p}]": o for (t, p), (o, _g) in positions.items()})
 
     def _recover(self, exc: BaseException) -> None:
@@ -196,6 +224,9 @@ class ApplyRunner:
         RECOVERIES.labels(self.settings.dc).inc()
         self.status.recoveries += 1
         self.status.connected = False
+        if self._pool is not None:
+            self._pool.stop()  # a group in progress commits or fails; queued work is dropped
+            self._pool.close()
         self.replica.rollback_quietly()
         self.replica.close()
         self._connect_replica()
@@ -203,6 +234,9 @@ class ApplyRunner:
             self._seek_from_replica()
         except ReplicaUnavailable as again:
             self._recover(again)
+            return
+        if self._pool is not None:
+            self._pool.start()
 
     # --- the loop ---------------------------------------------------------------------------
     def _step(self) -> None:
@@ -215,7 +249,15 @@ class ApplyRunner:
             for rec in records:
                 event = self._decode(rec)
                 for txn in assembler.feed(rec.offset, event):
-                    if txn.is_ddl:
+                    if txn_id(txn) in self._done:
+                        self._skip_done(txn)
+                    elif self._pool is not None:
+                        self._worker_errors(lambda t=txn: self._dispatch(t))  # type: ignore[misc]
+                        if self.stop.stopped:
+                            # Nothing after an undispatched transaction may be dispatched: the
+                            # watermark would pass over it.
+                            return
+                    elif txn.is_ddl:
                         self._flush_group()
                         self._apply_ddl(txn)
                     else:
@@ -224,7 +266,60 @@ class ApplyRunner:
                             self._flush_group()
         if self._group.ready():
             self._flush_group()
+        if self._pool is not None:
+            self._worker_errors(self._write_watermarks)
         self._commit_offsets()
+
+    # --- parallel apply ---------------------------------------------------------------------
+    def _worker_errors(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn``; a worker's failure surfaces here as the error the serial path would raise."""
+        try:
+            return fn()
+        except WorkerFailed as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ReplicaUnavailable):
+                raise cause from None
+            if isinstance(cause, BaseException):
+                raise cause from None
+            raise
+
+    def _dispatch(self, txn: SourceTxn) -> None:
+        assert self._pool is not None
+        if txn.is_ddl:
+            # A barrier: every earlier transaction commits (and the watermark reaches it) first.
+            if not self._pool.drain(lambda: False):
+                return
+            self._write_watermarks(force=True)
+            self._apply_ddl(txn)
+            self._pool.forget_meta()
+            return
+        keys = write_set(txn, self._unique_keys_of)
+        if not self._pool.submit(txn, keys, lambda: self.stop.stopped):
+            # Stopped while waiting: the transaction is not queued; the position row does not cover
+            # it, so it is read again on the next start.
+            return
+
+    def _skip_done(self, txn: SourceTxn) -> None:
+        """``txn`` committed beyond the position row before a crash (parallel apply): skip it."""
+        self._done.discard(txn_id(txn))
+        _log.info("skip_committed", topic=txn.topic, partition=txn.partition, offset=txn.first_offset)
+        if self._pool is not None:
+            self._pool.skip(txn)
+        else:
+            self._flush_group()
+            self.replica.apply_position_only([txn])
+
+    def _write_watermarks(self, force: bool = False) -> None:
+        assert self._pool is not None
+        now = time.monotonic()
+        if not force and now - self._last_watermark_at < 0.1 and not self._pool.idle():
+            return
+        self._last_watermark_at = now
+        marks = self._pool.take_watermarks()
+        if marks:
+            self.replica.write_watermarks(marks)
+            for t in marks:
+                self._committed[TopicPartition(t.topic, t.partition)] = t.next_offset
 
     def _decode(self, rec: Any) -> ChangeEvent | None:
         try:
@@ -250,6 +345,10 @@ class ApplyRunner:
         self._after_commit([txn], GroupStats(txns=1, max_ts_ms=txn.ts_ms))
 
     def _after_commit(self, txns: list[SourceTxn], stats: GroupStats) -> None:
+        with self._status_lock:
+            self._count_commit(txns, stats)
+
+    def _count_commit(self, txns: list[SourceTxn], stats: GroupStats) -> None:
         st = self.status
         st.commits += 1
         st.txns += stats.txns
@@ -265,8 +364,9 @@ class ApplyRunner:
         if stats.max_ts_ms:
             st.lag_s = max(0.0, time.time() - stats.max_ts_ms / 1000.0)
             LAG.labels(dc).set(st.lag_s)
-        for t in txns:
-            self._committed[TopicPartition(t.topic, t.partition)] = t.next_offset
+        if self._pool is None or any(t.is_ddl for t in txns):
+            for t in txns:  # (parallel: the coordinator records the watermark instead)
+                self._committed[TopicPartition(t.topic, t.partition)] = t.next_offset
         if self._crash_after is not None and st.commits >= self._crash_after:
             # Test hook: die after the replica commit and before the Kafka offset commit.
             _log.warning("test_crash_after_commit", commits=st.commits)

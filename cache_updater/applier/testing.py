@@ -302,6 +302,7 @@ def topology_yaml(
     ddl: str = "apply",
     max_txns: int = 100,
     max_ms: int = 20,
+    parallel_workers: int = 0,
 ) -> str:
     """A two-datacenter topology (bj master -> gz replica) for applier tests."""
     per = "".join(f'\n        "{k}": {v}' for k, v in (per_table or {}).items())
@@ -337,4 +338,5 @@ replicas:
       default: {conflicts_default}
       per_table: {{{per}}}
     group_commit: {{max_txns: {max_txns}, max_ms: {max_ms}}}
+    parallel: {{enabled: {"true" if parallel_workers > 1 else "false"}, workers: {max(1, parallel_workers)}}}
 """

@@ -56,14 +56,23 @@ def _txn_ops(db: str, i: int) -> list[tuple[Any, ...]]:
 
 
 def _marker_count(replica: MariaDBServer) -> int:
-    rows = replica.query("SELECT COALESCE(SUM(txn_count),0) FROM wmb.wmb_apply_marker WHERE applier='gz'")
+    # One marker row per worker under parallel apply: 'gz', 'gz#w1', ...
+    rows = replica.query(
+        "SELECT COALESCE(SUM(txn_count),0) FROM wmb.wmb_apply_marker "
+        "WHERE applier='gz' OR applier LIKE 'gz#w%'"
+    )
     return int(rows[0][0])
 
 
+@pytest.mark.parametrize("workers", [0, 4], ids=["serial", "parallel4"])
 def test_kill9_applier_under_load_exactly_once(
-    tmp_path: Path, mariadb_master: MariaDBServer, mariadb_replica: MariaDBServer, kafka_gz: KafkaServer
+    tmp_path: Path,
+    mariadb_master: MariaDBServer,
+    mariadb_replica: MariaDBServer,
+    kafka_gz: KafkaServer,
+    workers: int,
 ) -> None:
-    source, db = "apkill", "apply_kill"
+    source, db = ("apkill", "apply_kill") if not workers else (f"apkillp{workers}", f"apply_pkill{workers}")
     fresh(mariadb_master, mariadb_replica, kafka_gz, source, db)
     topic = f"wmb.{source}.changes"
     producer = KafkaProducer(bootstrap_servers=kafka_gz.bootstrap, acks="all")
@@ -80,9 +89,10 @@ def test_kill9_applier_under_load_exactly_once(
             tables=[f"{db}.*"],
             max_txns=5,
             max_ms=5,
+            parallel_workers=workers,
         )
     )
-    settings = settings_for(source, mariadb_master, mariadb_replica, kafka_gz)
+    settings = settings_for(source, mariadb_master, mariadb_replica, kafka_gz, parallel_workers=workers)
     marker_before = _marker_count(mariadb_replica) if has_state(mariadb_replica) else 0
 
     # Load: a producer thread keeps writing source transactions while the applier is killed.
@@ -126,11 +136,17 @@ def test_kill9_applier_under_load_exactly_once(
     rnd = random.Random(7)
     kills = 0
     # 5 deaths right after a replica commit (before the Kafka offset commit) ...
+    beyond_watermark = 0
     for _ in range(5):
         proc = applier(crash_after=rnd.randint(2, 8))
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 137, err.decode()[-2000:]
         kills += 1
+        if workers:  # transactions a worker committed beyond the position row (the next run skips)
+            beyond_watermark += int(
+                mariadb_replica.query("SELECT COUNT(*) FROM wmb.wmb_apply_done WHERE source=%s", source)[0][0]
+            )
+    assert beyond_watermark > 0 or not workers, "the crashes never left work beyond the watermark"
     # ... and 3 kill -9 at arbitrary moments while it applies.
     for _ in range(3):
         proc = applier(None)
@@ -144,6 +160,10 @@ def test_kill9_applier_under_load_exactly_once(
     # A clean run to the end, stopped with SIGTERM (exit 0).
     port = free_port()
     proc = applier(None, "--metrics-port", str(port))
+    # One more transaction, so the clean run applies something even if a killed run had caught up.
+    produce(producer, topic, sim.txn(_txn_ops(db, n_txns)))
+    producer.flush()
+    n_txns += 1
     wait_until(lambda: caught_up(mariadb_replica, settings, kafka_gz), timeout_s=300, what="caught up")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
         health = json.loads(resp.read())
@@ -162,10 +182,13 @@ def test_kill9_applier_under_load_exactly_once(
     producer.close()
 
 
+@pytest.mark.parametrize("workers", [0, 4], ids=["serial", "parallel4"])
 def test_kill9_replica_under_load(
-    server_factory: Any, mariadb_master: MariaDBServer, kafka_gz: KafkaServer
+    server_factory: Any, mariadb_master: MariaDBServer, kafka_gz: KafkaServer, workers: int
 ) -> None:
-    source, db = "aprepkill", "apply_repkill"
+    source, db = (
+        ("aprepkill", "apply_repkill") if not workers else (f"aprepkillp{workers}", f"apply_prepk{workers}")
+    )
     replica: MariaDBServer = server_factory.mariadb(server_id=77)
     fresh(mariadb_master, replica, kafka_gz, source, db)
     topic = f"wmb.{source}.changes"
@@ -173,7 +196,15 @@ def test_kill9_replica_under_load(
     sim = SqlChangeSource(conn_of(mariadb_master), source=source)
     _schema(sim, producer, topic, db)
     producer.flush()
-    settings = settings_for(source, mariadb_master, replica, kafka_gz, group_max_txns=5, connect_timeout_s=2)
+    settings = settings_for(
+        source,
+        mariadb_master,
+        replica,
+        kafka_gz,
+        group_max_txns=5,
+        connect_timeout_s=2,
+        parallel_workers=workers,
+    )
     running = Running(settings)
     n_txns = 800
     kills = 0

@@ -78,10 +78,17 @@ def _cut_under_load(
             wait_until(lambda: not relay.relay.health()[1]["link_up"], 120, "link_down detected")
             assert relay.relay.metrics.link_up._value.get() == 0
             time.sleep(max(0.0, cut_s - (time.monotonic() - cut_at)))
+            shipped_at_heal = relay.relay.shipped
             link.heal()
+            healed_at = time.monotonic()
             wait_until(lambda: relay.relay.health()[1]["link_up"], 120, "link_up after heal")
             work.stop()
             assert_exact_mirror(kafka_bj.bootstrap, kafka_gz.bootstrap, topic)
+            caught_up_s = time.monotonic() - healed_at
+            print(
+                f"\n{mode} cut of {cut_s:.0f} s: {relay.relay.shipped - shipped_at_heal} records "
+                f"shipped after the heal, caught up {caught_up_s:.1f} s after it"
+            )
             assert relay.alive and relay.error is None
     finally:
         work._stop.set()
