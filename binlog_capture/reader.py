@@ -270,9 +270,15 @@ class TxnReader:
         return pymysql.connect(**kwargs)
 
     def close(self) -> None:
-        """Close the stream (from any thread) and keep it closed."""
+        """Close the stream (from any thread) and keep it closed.
+
+        Also puts the library's table-map parser back: the memo and its table filter are process
+        global, and another reader in this process (a test, a tool) must not inherit them.
+        """
         self._closed = True
         self._close_stream()
+        if self._use_cache:
+            tablemap_cache.uninstall()
 
     def _close_stream(self) -> None:
         with self._lock:
