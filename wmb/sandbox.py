@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -46,40 +47,14 @@ MYSQL_USER = "wmb"
 MYSQL_PASSWORD_ENV = "WMB_SANDBOX_MYSQL_PASSWORD"
 MYSQL_PASSWORD_DEFAULT = "wmb-sandbox"
 
-APP_SCHEMA = """
-CREATE DATABASE IF NOT EXISTS app;
-CREATE TABLE IF NOT EXISTS app.users (
-  id BIGINT UNSIGNED NOT NULL PRIMARY KEY,
-  name VARCHAR(64) NOT NULL,
-  email VARCHAR(128) NOT NULL,
-  bio TEXT NULL,
-  created_at DATETIME(6) NOT NULL
-) CHARACTER SET utf8mb4;
-CREATE TABLE IF NOT EXISTS app.posts (
-  id BIGINT UNSIGNED NOT NULL PRIMARY KEY,
-  user_id BIGINT UNSIGNED NOT NULL,
-  body VARCHAR(280) NOT NULL,
-  likes INT NOT NULL DEFAULT 0,
-  created_at DATETIME(6) NOT NULL,
-  KEY (user_id)
-) CHARACTER SET utf8mb4;
-CREATE TABLE IF NOT EXISTS app.follows (
-  follower_id BIGINT UNSIGNED NOT NULL,
-  followee_id BIGINT UNSIGNED NOT NULL,
-  created_at DATETIME(6) NOT NULL,
-  PRIMARY KEY (follower_id, followee_id)
-) CHARACTER SET utf8mb4;
-CREATE TABLE IF NOT EXISTS app.counters (
-  user_id BIGINT UNSIGNED NOT NULL PRIMARY KEY,
-  posts INT NOT NULL DEFAULT 0,
-  followers INT NOT NULL DEFAULT 0,
-  following INT NOT NULL DEFAULT 0
-) CHARACTER SET utf8mb4;
-"""
+# The demo's application schema; docker-compose.yml mounts the same file into its MariaDB servers.
+APP_SCHEMA = (resources.files("wmb") / "sql" / "app-schema.sql").read_text()
 
 
 def _sql_statements(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
+    """The statements of a plain SQL script (no ';' inside literals), without its comment lines."""
+    code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
+    return [stmt.strip() for stmt in code.split(";") if stmt.strip()]
 
 
 @dataclass
