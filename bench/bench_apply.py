@@ -4,7 +4,8 @@ Starts its own Kafka and MariaDB servers (loopback, private tmp dirs, stopped at
 backlog of N synthetic 100-row insert transactions to a change topic, then times ``ApplyRunner``
 from start until the position row reaches the end of the topic.  With ``--native`` (default) it
 also times MariaDB's own replication (a second mariadbd, ``CHANGE MASTER TO ... MASTER_USE_GTID``)
-applying the same workload from a master's binlog, and prints the ratio.
+applying the same workload from a master's binlog through the same 20 ms link emulator, and
+prints the ratio.
 
     .venv/bin/python bench/bench_apply.py [--txns 1000] [--rows 100] [--workers 4] [--no-native]
 
@@ -30,6 +31,7 @@ from cache_updater.applier.runner import ApplyRunner
 from cache_updater.applier.testing import produce, synthetic_insert_txn
 from cache_updater.apply_settings import ApplySettings, ReplicaConn
 from wmb import log
+from wmb.linkemu import LinkEmulator
 from wmb.runtime import StopToken
 from wmb.servers import KafkaServer, MariaDBServer
 
@@ -103,6 +105,9 @@ def bench_wmb(root: Path, txns: int, rows: int, workers: int = 0) -> dict[str, f
         kafka.stop()
 
 
+LINK_DELAY_MS = 20.0
+
+
 def bench_native(root: Path, txns: int, rows: int) -> dict[str, float]:
     master = MariaDBServer(root / "nmaster", server_id=11).start()
     slave = MariaDBServer(root / "nslave", server_id=12).start()
@@ -117,16 +122,21 @@ def bench_native(root: Path, txns: int, rows: int) -> dict[str, float]:
                 )
                 cur.execute(f"INSERT INTO bench.t VALUES {values}")  # autocommit: one txn = 100 row events
         target = master.gtid_binlog_pos()
-        slave.execute(
-            f"CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={master.port}, MASTER_USER='root', "
-            "MASTER_PASSWORD='', MASTER_USE_GTID=slave_pos"
-        )
-        t0 = time.monotonic()
-        slave.execute("START SLAVE")
-        wait(lambda: slave.query("SELECT @@gtid_slave_pos")[0][0] == target, 600, "native replica")
-        elapsed = time.monotonic() - t0
-        assert slave.query("SELECT COUNT(*) FROM bench.t") == [(txns * rows,)]
-        slave.execute("STOP SLAVE")
+        # The native replica pulls the binlog through the same 20 ms link a remote datacenter has.
+        link = LinkEmulator("127.0.0.1", master.port, delay_ms=LINK_DELAY_MS, name="native").start()
+        try:
+            slave.execute(
+                f"CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={link.port}, MASTER_USER='root', "
+                "MASTER_PASSWORD='', MASTER_USE_GTID=slave_pos"
+            )
+            t0 = time.monotonic()
+            slave.execute("START SLAVE")
+            wait(lambda: slave.query("SELECT @@gtid_slave_pos")[0][0] == target, 600, "native replica")
+            elapsed = time.monotonic() - t0
+            assert slave.query("SELECT COUNT(*) FROM bench.t") == [(txns * rows,)]
+            slave.execute("STOP SLAVE")
+        finally:
+            link.stop()
         return {"native_s": elapsed, "native_rows_per_s": txns * rows / elapsed}
     finally:
         slave.stop()
