@@ -225,10 +225,9 @@ def test_kill9_replica_under_load(
     )
     running.stop()
     assert running.error is None, running.error
-    # Each kill is noticed as a lost replica unless it lands while the applier sits between two
-    # statements with nothing to write, in which case the next statement fails and recovers the same
-    # way; at least one kill always lands mid-flight at this load.  What must hold either way: every
-    # source transaction applied exactly once, and the replica equal to the master.
+    # How many of the two kills the applier counts as a lost replica depends on timing (one CI run
+    # counted one); what must hold whatever the timing: every source transaction applied exactly
+    # once, and the replica equal to the master.
     assert running.runner.status.recoveries >= 1
     assert _marker_count(replica) == n_txns + 1
     report = verify_replica(settings.master, settings.replica, [f"{db}.*"])  # type: ignore[arg-type]
