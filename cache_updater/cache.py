@@ -510,7 +510,10 @@ class RedisCache:
             return self._send_packed(self.client, writes)
         pipe = self.client.pipeline(transaction=False)  # type: ignore[no-untyped-call]
         for w in writes:
-            pipe.evalsha(self.sha, 2, w.key, tombstone_key(w.key), *w.argv())
+            # redis-py's ClusterPipeline blocks its evalsha() helper ("blocked when running redis in
+            # cluster mode"); the raw command is routed by its keys like any other, and key + tomb
+            # share a slot (tombstone_key), so one EVALSHA never spans nodes.
+            pipe.execute_command("EVALSHA", self.sha, 2, w.key, tombstone_key(w.key), *w.argv())
         answers: list[Any] = pipe.execute(raise_on_error=False)
         return answers
 

@@ -124,6 +124,9 @@ def settings_from_topology(topology: Any, dc: str, **overrides: Any) -> CacheSet
         username=r.username,
         password=r.password.get_secret_value() if r.password is not None else None,
         tls=bool(r.use_tls),
+        # The topology model has no CA field yet (the default trust store, or OpenSSL's
+        # SSL_CERT_FILE, verifies the server); picked up as soon as it grows one.
+        tls_ca_file=getattr(r, "tls_ca_file", None),
         cluster=bool(r.cluster),
     )
     replica: ReplicaSettings | None = None

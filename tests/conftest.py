@@ -17,6 +17,7 @@ import pytest
 
 from wmb.errors import ServerStartError
 from wmb.servers import KafkaServer, ManagedProcess, MariaDBServer, RedisServer, ServerPool, free_port
+from wmb.servers.redis import RedisClusterServers, RedisTlsServer
 
 S = TypeVar("S", bound=ManagedProcess)
 
@@ -102,6 +103,27 @@ def redis_bj(servers_dir: Path) -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def redis_gz(servers_dir: Path) -> Iterator[RedisServer]:
     yield from _serve(RedisServer(servers_dir / "redis_gz", die_with_parent=True))
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
+    """A private 3-master Redis Cluster (no replicas), joined and ``cluster_state:ok`` on every node."""
+    cluster = RedisClusterServers(tmp_path / "redis_cluster", die_with_parent=True)
+    try:
+        cluster.start()
+    except ServerStartError as exc:
+        cluster.stop()
+        pytest.fail(f"RedisClusterServers did not start:\n{exc}", pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_tls(tmp_path: Path) -> Iterator[RedisTlsServer]:
+    """A private TLS-only Redis (throwaway CA in ``ca_file``) with ACL user ``wmbcache``/``secret``."""
+    yield from _serve(RedisTlsServer(tmp_path / "redis_tls", die_with_parent=True))
 
 
 @pytest.fixture

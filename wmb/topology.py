@@ -276,6 +276,9 @@ class RedisServer(_Model):
     """Password (secret; use ``${ENV}``); null or empty = no AUTH."""
     tls: bool = False
     """Use TLS (also implied by a ``rediss://`` url)."""
+    tls_ca_file: str | None = None
+    """PEM file of the CA that signed the server's certificate; null = the system's trust store
+    (which ``SSL_CERT_FILE`` also extends)."""
     cluster: bool = False
     """The url points at a Redis Cluster node; keys of one row stay in one slot."""
 
