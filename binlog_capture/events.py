@@ -21,6 +21,7 @@ from binlog_capture.reader import DdlItem, RowsItem, SourceTxn
 from binlog_capture.settings import CaptureSettings
 from wmb import values
 from wmb.event import ChangeEvent, Op, Position, TxnInfo, Version
+from wmb.topics import is_applier_ddl, is_applier_marker_table
 
 SYSTEM_SCHEMAS = frozenset({"mysql", "information_schema", "performance_schema", "sys"})
 MASKED_HASH_TAG = "text:utf8mb4"  # a sha256 hex digest, whatever the column's own type
@@ -53,8 +54,8 @@ class TableFilter:
         return hit
 
     def _decide(self, db: str, table: str) -> bool:
-        if (db, table) == self._hb:
-            return True
+        if (db, table) == self._hb or is_applier_marker_table(table):
+            return True  # read, never shipped: a heartbeat, or the mark of a wmb applier's write
         if db == self._hb[0] or db in SYSTEM_SCHEMAS:
             return False  # wmb's own bookkeeping schema and the system schemas never replicate
         name = f"{db}.{table}"
@@ -207,8 +208,14 @@ class EventBuilder:
         ts_ms = txn.ts_s * 1000
         drafts: list[dict[str, Any]] = []
         heartbeat_ts: int | None = None
+        if any(not isinstance(i, DdlItem) and is_applier_marker_table(i.table) for i in txn.items):
+            # Written by a wmb applier (a replica fed by wmb, now captured after a failover or in a
+            # two-way setup): shipping it would send the change back where it came from.
+            return []
         for item in txn.items:
             if isinstance(item, DdlItem):
+                if is_applier_ddl(item.query):
+                    continue
                 db, table = ddl_target(item.query, item.schema)
                 if self.filter.database_included(db) and (not table or self.filter(db, table)):
                     drafts.append(dict(op=Op.DDL, database=db, table=table, ddl=item.query))

@@ -50,3 +50,22 @@ def cache_group(dc: str) -> str:
 def apply_group(dc: str) -> str:
     """On ``dc``'s cluster: how far the replica applier has committed."""
     return f"wmb-apply-{dc}"
+
+
+# Loop marking (the applier writes it, the capturer reads it).  Every replica transaction the applier
+# commits writes one row of ``<state schema>.wmb_apply_marker`` first; applied DDL carries a comment.
+# A capturer reading such a database (after a failover, or in a two-way setup) drops those
+# transactions, so applied changes are never shipped again as new ones.
+
+APPLIER_MARKER_TABLE = "wmb_apply_marker"
+APPLIER_DDL_MARKER = "/* wmb:applier */"
+
+
+def is_applier_marker_table(table: str) -> bool:
+    """True for the applier's marker table, in whatever schema it lives."""
+    return table.strip("`").lower() == APPLIER_MARKER_TABLE
+
+
+def is_applier_ddl(sql: str) -> bool:
+    """True if a DDL statement seen in a binlog was applied by a wmb applier."""
+    return APPLIER_DDL_MARKER in sql

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-MARKER_TABLE = "wmb_apply_marker"
+from wmb.topics import APPLIER_DDL_MARKER, APPLIER_MARKER_TABLE, is_applier_ddl, is_applier_marker_table
+
+MARKER_TABLE = APPLIER_MARKER_TABLE
 STATE_TABLE = "wmb_apply_state"
 CONFLICTS_TABLE = "wmb_apply_conflicts"
 DONE_TABLE = "wmb_apply_done"  # parallel apply: transactions committed beyond the position row
-DDL_MARKER = "/* wmb:applier */"
+DDL_MARKER = APPLIER_DDL_MARKER
 
 
 def is_applier_transaction(table_names_in_txn: Iterable[str | tuple[str, str]]) -> bool:
@@ -26,16 +28,13 @@ def is_applier_transaction(table_names_in_txn: Iterable[str | tuple[str, str]]) 
     Accepts ``"db.table"`` strings, bare ``"table"`` strings, or ``(db, table)`` tuples; the marker
     table is recognised in any schema (the state schema is configurable), case-insensitively.
     """
-    for name in table_names_in_txn:
-        table = name[1] if isinstance(name, tuple) else name.rsplit(".", 1)[-1]
-        if table.strip("`").lower() == MARKER_TABLE:
-            return True
-    return False
+    return any(
+        is_applier_marker_table(name[1] if isinstance(name, tuple) else name.rsplit(".", 1)[-1])
+        for name in table_names_in_txn
+    )
 
 
-def is_applier_ddl(sql: str) -> bool:
-    """True if a DDL statement seen in a binlog was applied by a wmb applier."""
-    return DDL_MARKER in sql
+__all__ = ["DDL_MARKER", "MARKER_TABLE", "is_applier_ddl", "is_applier_transaction"]
 
 
 def mark_ddl(sql: str) -> str:

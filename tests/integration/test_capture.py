@@ -349,3 +349,39 @@ def test_metrics_and_health_endpoint(mariadb_master: Any, kafka_bj: Any) -> None
             assert name in text, name
         health = orjson.loads(urllib.request.urlopen(f"{base}/health").read())
         assert health["ok"] is True and health["reader_alive"] is True
+
+
+def test_applier_transactions_are_never_shipped_again(mariadb_master: Any, kafka_bj: Any) -> None:
+    """A database that a wmb applier writes (a replica, later captured after a failover or in a
+    two-way setup) holds the applier's marker row in each of its transactions, and a comment on its
+    DDL: the capturer reads them and drops those transactions, while application writes still flow."""
+    db, source = _name("loop"), _name("loop")
+    mariadb_master.execute(f"CREATE DATABASE {db}")
+    mariadb_master.execute(f"CREATE TABLE {db}.t (id INT PRIMARY KEY, v INT)")
+    mariadb_master.execute("CREATE DATABASE IF NOT EXISTS wmb")
+    mariadb_master.execute(
+        "CREATE TABLE IF NOT EXISTS wmb.wmb_apply_marker (applier VARCHAR(64) PRIMARY KEY, txn_count BIGINT)"
+    )
+    settings = settings_for(mariadb_master, kafka_bj, source, include=(f"{db}.*",), partitions=1)
+    work = Workload(mariadb_master)
+    with running(settings, start="now"):
+        # what an applier commits: the marker row first, then the rows it applies
+        work.txn(
+            [
+                (
+                    "INSERT INTO wmb.wmb_apply_marker VALUES ('gz', 1) "
+                    "ON DUPLICATE KEY UPDATE txn_count = txn_count + 1",
+                    None,
+                ),
+                (f"INSERT INTO {db}.t VALUES (1, 1)", None),
+            ],
+            [],
+        )
+        mariadb_master.execute(f"/* wmb:applier */ ALTER TABLE {db}.t ADD COLUMN w INT NULL")
+        # an application's own write
+        work.txn([(f"INSERT INTO {db}.t VALUES (2, 2, NULL)", None)], [])
+        events = read_events(
+            kafka_bj.bootstrap, source, until=lambda evs: any(e.op is Op.INSERT for _, e in evs)
+        )
+    rows = [e for _, e in _data_events(events)]
+    assert [(e.op, dict(e.pk)) for e in rows] == [(Op.INSERT, {"id": 2})], rows
