@@ -73,6 +73,16 @@ def _local_io(what: str) -> Iterator[None]:
         raise LocalError(f"{what}: {exc!r}") from exc
 
 
+def _raise_if_any_failed(futures: list[Any]) -> None:
+    """Raise the first failure among flushed send futures (a KafkaError, so LocalError via _local_io)."""
+    for fut in futures:
+        if not fut.is_done:
+            raise kerr.KafkaTimeoutError("a send of this transaction is still pending after flush")
+        if fut.exception is not None:
+            exc = fut.exception
+            raise exc if isinstance(exc, kerr.KafkaError) else kerr.KafkaError(repr(exc))
+
+
 def _client_id(settings: RelaySettings, role: str) -> str:
     return f"{settings.transactional_id}-{role}"
 
@@ -99,9 +109,14 @@ def source_consumer(settings: RelaySettings, role: str, group: bool = False, **e
 
 
 def read_compacted(
-    bootstrap: str, topic: str, timeout_s: float = 30.0
+    bootstrap: str, topic: str, timeout_s: float = 30.0, must_exist: bool = False
 ) -> list[tuple[bytes | None, bytes | None]]:
-    """Every committed (key, value) of ``topic``, in offset order per partition, up to its end now."""
+    """Every committed (key, value) of ``topic``, in offset order per partition, up to its end now.
+
+    ``must_exist``: no partitions is an error, not an empty topic.  Right after a destination
+    restart the metadata may not list the topic yet, and reading the checkpoints as "none" would
+    re-ship every partition from its start (duplicates).
+    """
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         isolation_level="read_committed",
@@ -112,6 +127,8 @@ def read_compacted(
     try:
         parts = consumer.partitions_for_topic(topic)
         if not parts:
+            if must_exist:
+                raise kerr.KafkaTimeoutError(f"no partitions listed for {topic} in {bootstrap}")
             return []
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
@@ -374,10 +391,15 @@ class Relay:
     # ------------------------------------------------------------------ local side
 
     def _abort_quietly(self) -> None:
+        """Drop the failed producer without ``abort_transaction()``.
+
+        kafka-python's abort waits without a bound, and a producer whose sends expired is wedged
+        (its sender fails to reset the transactional state), so that wait never returns.  The
+        open transaction is aborted anyway by the next producer's ``init_transactions`` (same
+        transactional.id, bumped epoch), before we re-read the checkpoint read_committed.
+        """
         if self._producer is None:
             return
-        with contextlib.suppress(Exception):
-            self._producer.abort_transaction()
         with contextlib.suppress(Exception):
             self._producer.close(timeout=2)
         self._producer = None
@@ -408,12 +430,14 @@ class Relay:
                 linger_ms=5,
                 batch_size=1024 * 1024,
                 max_request_size=max(s.max_partition_fetch_bytes, 16 * 1024 * 1024),
-                transaction_timeout_ms=60_000,
+                transaction_timeout_ms=s.transaction_timeout_ms,
+                delivery_timeout_ms=s.delivery_timeout_ms,
+                request_timeout_ms=min(30_000, s.delivery_timeout_ms // 2),
                 max_block_ms=30_000,
             )
             self._producer = producer
             producer.init_transactions()
-            records = read_compacted(s.dst_bootstrap, topics.relay_checkpoint_topic())
+            records = read_compacted(s.dst_bootstrap, topics.relay_checkpoint_topic(), must_exist=True)
             self._checkpoints = checkpoint.fold(records, s.route)
         self._log.info(
             "checkpoints_loaded",
@@ -460,6 +484,7 @@ class Relay:
         assert p is not None
         nrec = nbytes = skipped = 0
         last_ts: int | None = None
+        sent: list[Any] = []  # the send futures of this transaction
         with _local_io("relay transaction"):
             p.begin_transaction()
             for tp, recs in records.items():
@@ -469,13 +494,15 @@ class Relay:
                     if headers is None:
                         skipped += 1  # loop: the checkpoint still moves past it
                         continue
-                    p.send(
-                        dst_topic,
-                        key=r.key,
-                        value=r.value,
-                        headers=headers,
-                        partition=tp.partition,
-                        timestamp_ms=r.timestamp,
+                    sent.append(
+                        p.send(
+                            dst_topic,
+                            key=r.key,
+                            value=r.value,
+                            headers=headers,
+                            partition=tp.partition,
+                            timestamp_ms=r.timestamp,
+                        )
                     )
                     nrec += 1
                     nbytes += (len(r.key) if r.key else 0) + (len(r.value) if r.value else 0)
@@ -483,11 +510,20 @@ class Relay:
                     last = recs[-1]
                     last_ts = commit_ts_ms(last.headers or []) or last.timestamp
             for tp, pos in changed.items():
-                p.send(
-                    topics.relay_checkpoint_topic(),
-                    key=checkpoint.key(s.route, tp),
-                    value=checkpoint.value(pos),
+                sent.append(
+                    p.send(
+                        topics.relay_checkpoint_topic(),
+                        key=checkpoint.key(s.route, tp),
+                        value=checkpoint.value(pos),
+                    )
                 )
+            # kafka-python can report a commit as successful although batches of the transaction
+            # failed (e.g. expired while the destination was down: it bumps the epoch, which
+            # aborts the transaction broker-side, then skips the EndTxn).  Trusting such a commit
+            # moved the checkpoint past records that never landed.  So every send must have
+            # succeeded before we commit; otherwise abort and re-seek (LocalError).
+            p.flush()
+            _raise_if_any_failed(sent)
             p.commit_transaction()
         self._checkpoints.update(changed)
         self._last_commit = now

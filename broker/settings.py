@@ -56,6 +56,13 @@ class RelaySettings:
     commit_group_offsets: bool = True  # best effort, for `wmb lag` on the source side
     metrics_port: int | None = None  # None = no endpoint, 0 = any free port
     dst_replication_factor: int = -1  # -1 = the destination broker's default
+    # The destination coordinator aborts a transaction left open this long, and kafka-python then
+    # reports the relay as fenced (exit 5, which the supervisor does not restart).  Ten minutes, so
+    # that a destination outage shorter than that ends in abort + re-seek instead; it must stay below
+    # the broker's transaction.max.timeout.ms (15 min by default).
+    transaction_timeout_ms: int = 600_000
+    # A local send not acknowledged in this time fails its transaction (abort + re-seek).
+    delivery_timeout_ms: int = 120_000
 
     def __post_init__(self) -> None:
         if self.route != f"{self.src_dc}:{self.dst_dc}":

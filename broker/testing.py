@@ -158,14 +158,70 @@ def wait_until(cond: Any, timeout_s: float, what: str, interval_s: float = 0.5) 
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def end_offsets(bootstrap: str, topic: str, isolation_level: str = "read_committed") -> dict[int, int]:
+    """Per partition: the last stable offset (read_committed) or the high watermark (read_uncommitted)."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level=isolation_level, enable_auto_commit=False, group_id=None
+    )
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        return {tp.partition: off for tp, off in consumer.end_offsets(tps).items()} if tps else {}
+    finally:
+        consumer.close()
+
+
+def mirror_report(src: str, dst: str, topic: str, dst_topic: str | None = None) -> str:
+    """Per partition: committed records in src and dst, and dst's last stable offset vs high watermark.
+
+    An LSO stuck below the high watermark means an open (or hanging) transaction in dst: the records
+    are there but read_committed readers cannot pass them.
+    """
+    lines = []
+    try:
+        src_n = {p: len(r) for p, r in read_topic(src, topic, timeout_s=20).items()}
+        dst_n = {p: len(r) for p, r in read_topic(dst, dst_topic or topic, timeout_s=20).items()}
+        lso = end_offsets(dst, dst_topic or topic)
+        hw = end_offsets(dst, dst_topic or topic, "read_uncommitted")
+        for p in sorted(src_n):
+            lines.append(
+                f"  partition {p}: src={src_n[p]} dst={dst_n.get(p)} "
+                f"dst_lso={lso.get(p)} dst_high_watermark={hw.get(p)}"
+            )
+    except Exception as exc:  # a report must not hide the timeout it explains
+        lines.append(f"  (report failed: {exc!r})")
+    return "\n".join(lines)
+
+
 def wait_mirrored(
     src: str, dst: str, topic: str, dst_topic: str | None = None, timeout_s: float = 180
 ) -> None:
-    """Until the destination holds as many committed records as the source (then compare exactly)."""
+    """Until the destination holds as many committed records as the source (then compare exactly).
+
+    Fails with per-partition counts (src vs dst, dst LSO vs high watermark) on timeout, and fails
+    fast when the destination holds *more* than the source (duplicates never go away by waiting).
+    """
     want = count(read_topic(src, topic))
-    wait_until(
-        lambda: count(read_topic(dst, dst_topic or topic)) >= want, timeout_s, f"{want} records in {dst}"
-    )
+    have = 0
+
+    def caught_up() -> bool:
+        nonlocal have
+        have = count(read_topic(dst, dst_topic or topic))
+        if have > want:
+            raise AssertionError(
+                f"{dst} holds {have} records of {dst_topic or topic}, more than the {want} in {src}:\n"
+                + mirror_report(src, dst, topic, dst_topic)
+            )
+        return have >= want
+
+    try:
+        wait_until(caught_up, timeout_s, f"{want} records in {dst}")
+    except AssertionError as exc:
+        if "timed out" not in str(exc):
+            raise
+        raise AssertionError(
+            f"timed out after {timeout_s}s waiting for {want} records in {dst} (last saw {have}):\n"
+            + mirror_report(src, dst, topic, dst_topic)
+        ) from None
 
 
 class RelayThread:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,25 +113,64 @@ def test_long_link_cut_under_load(
     _cut_under_load(kafka_bj, kafka_gz, link_bj_gz, mode, cut_s)
 
 
-def test_destination_kafka_restart_under_load(
-    kafka_bj: KafkaServer, link_bj_gz: LinkEmulator, server_factory: ServerPool
-) -> None:
+def _restart_destination_under_load(
+    kafka_bj: KafkaServer, server_factory: ServerPool, down_s: float, restarts: int, **kw: Any
+) -> float:
+    """Kill -9 and restart gz ``restarts`` times under load; returns the relay's local resets."""
     gz = server_factory.kafka(name="gz_private")
     topic = new_changes_topic(kafka_bj, partitions=2)
-    s = relay_settings_for(kafka_bj, gz, topic)
+    s = relay_settings_for(kafka_bj, gz, topic, **kw)
     work = TxnWorkload(kafka_bj.bootstrap, topic, 2, batch=40, abort_every=5, pause_s=0.05).start()
     try:
         with RelayThread(s) as relay:
             wait_until(lambda: relay.relay.shipped > 200, 120, "relay flowing")
-            shipped = relay.relay.shipped
-            gz.kill()  # kill -9: open transactions die with it
-            time.sleep(3)
-            gz.restart()
-            # kafka-python's transactional producer usually rides through the restart; when it does
-            # not, the relay aborts, re-reads the checkpoint and re-seeks (metrics.local_resets)
-            wait_until(lambda: relay.relay.shipped > shipped + 200, 180, "relay flowing after the restart")
+            for i in range(restarts):
+                shipped = relay.relay.shipped
+                gz.kill()  # kill -9: open transactions die with it
+                time.sleep(down_s)
+                gz.restart()
+                # kafka-python's transactional producer may ride through a short restart; when it
+                # does not, the relay aborts, re-reads the checkpoint and re-seeks (local_resets)
+                wait_until(
+                    lambda b=shipped: relay.relay.shipped > b + 200,
+                    180,
+                    f"relay flowing after restart {i + 1}",
+                )
             work.stop()
             assert_exact_mirror(kafka_bj.bootstrap, gz.bootstrap, topic)
             assert relay.alive and relay.error is None
+            resets: float = relay.relay.metrics.local_resets._value.get()
+            print(f"\nlocal_resets={resets}")
+            return resets
     finally:
         work._stop.set()
+
+
+def test_destination_kafka_restart_under_load(
+    kafka_bj: KafkaServer, link_bj_gz: LinkEmulator, server_factory: ServerPool
+) -> None:
+    _restart_destination_under_load(kafka_bj, server_factory, down_s=3.0, restarts=1)
+
+
+def test_destination_kafka_restarted_twice(
+    kafka_bj: KafkaServer, link_bj_gz: LinkEmulator, server_factory: ServerPool
+) -> None:
+    _restart_destination_under_load(kafka_bj, server_factory, down_s=3.0, restarts=2)
+
+
+def test_destination_down_past_the_delivery_timeout(
+    kafka_bj: KafkaServer, link_bj_gz: LinkEmulator, server_factory: ServerPool
+) -> None:
+    """Forces the local-failure path: gz stays down longer than the relay's delivery timeout, so
+    the sends of the open transaction expire (kafka-python then bumps the epoch, skips the EndTxn
+    and reports the commit as done).  The relay must abort, re-read its checkpoint read_committed
+    and re-seek, skipping nothing and duplicating nothing.  (The transaction timeout stays above
+    the outage: past it the coordinator bumps the epoch and the relay sees itself fenced.)"""
+    resets = _restart_destination_under_load(
+        kafka_bj,
+        server_factory,
+        down_s=15.0,
+        restarts=1,
+        delivery_timeout_ms=6_000,
+    )
+    assert resets >= 1, "the outage did not fail a local transaction: the test forced nothing"
