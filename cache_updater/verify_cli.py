@@ -34,11 +34,12 @@ def verify(
 
     Prints the mismatching ranges, rows and keys; exits 0 when identical, 8 on any difference.
     """
+    from cache_updater.applier.mariadb import jsonable
     from cache_updater.apply_cli import load_settings
     from cache_updater.verify_cache import format_report as format_cache_report
     from cache_updater.verify_cache import verify_caches
     from cache_updater.verify_replica import format_report as format_replica_report
-    from cache_updater.verify_replica import jsonable, verify_replica
+    from cache_updater.verify_replica import verify_replica
 
     topology = load_topology(topology_path)
     out: dict[str, Any] = {"dc": dc}

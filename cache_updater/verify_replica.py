@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import pymysql
 
+from cache_updater.applier.mariadb import jsonable
 from cache_updater.applier.sql import lit, qident, qtable
 from cache_updater.apply_settings import ReplicaConn
 
@@ -82,12 +83,6 @@ class VerifyReport:
 
     def as_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "tables": [t.as_json() for t in self.tables]}
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return "0x" + value.hex()
-    return str(value)
 
 
 def format_report(report: VerifyReport, as_json: bool = False) -> str:

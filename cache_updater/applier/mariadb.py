@@ -149,7 +149,8 @@ class GroupStats:
     max_ts_ms: int = 0
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """orjson ``default`` for reports and conflict records: bytes as 0x-hex, the rest as str."""
     if isinstance(value, bytes):
         return "0x" + value.hex()
     return str(value)
@@ -157,7 +158,7 @@ def _jsonable(value: Any) -> Any:
 
 def _event_json(event: ChangeEvent) -> bytes:
     return orjson.dumps(
-        {"pk": dict(event.pk), "before": event.before, "after": event.after}, default=_jsonable
+        {"pk": dict(event.pk), "before": event.before, "after": event.after}, default=jsonable
     )
 
 
@@ -601,7 +602,7 @@ class MariaDBReplica:
             source=ev.source,
             gtid=ev.position.gtid,
             table=f"{ev.database}.{ev.table}",
-            pk=orjson.dumps(dict(ev.pk), default=_jsonable).decode(),
+            pk=orjson.dumps(dict(ev.pk), default=jsonable).decode(),
         )
         if policy == ConflictPolicy.SKIP:
             self._exec(
@@ -610,7 +611,7 @@ class MariaDBReplica:
                 "(recorded_at, source, gtid, txn_id, db, tbl, op, kind, policy, pk, detail, event) VALUES ("
                 f"UTC_TIMESTAMP(6), {sql.lit(ev.source)}, {sql.lit(ev.position.gtid)}, {sql.lit(ev.txn.id)}, "
                 f"{sql.lit(ev.database)}, {sql.lit(ev.table)}, {sql.lit(str(ev.op))}, {sql.lit(kind)}, "
-                f"{sql.lit(str(policy))}, {sql.lit(orjson.dumps(dict(ev.pk), default=_jsonable).decode())}, "
+                f"{sql.lit(str(policy))}, {sql.lit(orjson.dumps(dict(ev.pk), default=jsonable).decode())}, "
                 f"{sql.lit(detail)}, {sql.lit(_event_json(ev).decode())})",
             )
 
@@ -695,7 +696,7 @@ def _dup_key(exc: pymysql.err.IntegrityError) -> str | None:
 
 
 def _describe(txn: SourceTxn, ev: ChangeEvent) -> str:
-    pk = orjson.dumps(dict(ev.pk), default=_jsonable).decode()
+    pk = orjson.dumps(dict(ev.pk), default=jsonable).decode()
     return (
         f"event source={ev.source} gtid={ev.position.gtid} txn={ev.txn.id}#{ev.txn.seq} "
         f"table={ev.database}.{ev.table} op={ev.op} pk={pk} (kafka {txn.topic}[{txn.partition}] "
