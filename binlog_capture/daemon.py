@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import pymysql
+from confluent_kafka import KafkaException as CKafkaException
 from kafka import errors as kerr
 
 from binlog_capture import heartbeat, preflight
@@ -58,6 +59,8 @@ _MYSQL_RETRYABLE: tuple[type[BaseException], ...] = (
 _MYSQL_AUTH_ERRORS = frozenset({1044, 1045, 1698, 1227})
 # kafka-python marks transient errors RetriableError (timeouts, no broker, connection lost).
 _KAFKA_RETRYABLE: tuple[type[BaseException], ...] = (kerr.RetriableError,)
+# What the sink raises when the local Kafka fails a send or a commit (fencing is a FencedError).
+_LOCAL_KAFKA_ERRORS: tuple[type[BaseException], ...] = (kerr.KafkaError, CKafkaException)
 
 
 class _StreamBroke(Exception):
@@ -121,10 +124,13 @@ class CaptureDaemon:
             partitions=settings.partitions,
             source=settings.source,
             compression=settings.compression,
+            call_timeout_s=settings.kafka_call_timeout_s,
+            transaction_timeout_ms=settings.kafka_transaction_timeout_ms,
         )
         self._queue: queue.Queue[_QueueItem] = queue.Queue(maxsize=512)
         self._reader: TxnReader | None = None
         self._reader_thread: threading.Thread | None = None
+        self._halt = threading.Event()  # set to retire the current reader thread
         self._master_server_id = 0
         self.last_checkpoint: Checkpoint | None = None
         self.metrics_port: int | None = None  # the bound port once serving (settings may say 0)
@@ -208,9 +214,17 @@ class CaptureDaemon:
                 self.s.heartbeat_interval_s,
                 self.stop,
             ).start()
-            self._start_reader(start)
-            self.started.set()
-            self._loop()
+            initial = self.last_checkpoint
+            while True:
+                self._start_reader(start)
+                self.started.set()
+                try:
+                    self._loop()
+                    break
+                except _LOCAL_KAFKA_ERRORS as exc:
+                    if self.stop.stopped:
+                        raise
+                    start = self._recover_local_kafka(exc, start, initial)
         finally:
             if hb is not None:
                 hb.stop()
@@ -243,15 +257,9 @@ class CaptureDaemon:
             cp = self._with_retry("read checkpoint", self.sink.read_checkpoint, _KAFKA_RETRYABLE)
             if cp is not None:
                 self.last_checkpoint = cp
-                if cp.gtid_state:
-                    if mariadb:
-                        check_gtid_servable(conn, GtidState(cp.gtid_state))
-                    self._log.info(
-                        "resume_from_checkpoint", gtid_state=cp.gtid_state, file=cp.file, pos=cp.pos
-                    )
-                    return StartPoint(cp.gtid_state)
-                self._log.info("resume_from_checkpoint", file=cp.file, pos=cp.pos)
-                return StartPoint(None, cp.file, cp.pos)
+                if cp.gtid_state and mariadb:
+                    check_gtid_servable(conn, GtidState(cp.gtid_state))
+                return self._checkpoint_start(cp)
             s = self.s
             if s.start_gtid:
                 state = GtidState(s.start_gtid, mariadb=mariadb)
@@ -272,6 +280,55 @@ class CaptureDaemon:
         self._log.info("start_from_now", file=file, pos=pos)
         return StartPoint(None, file, pos)
 
+    # -- local Kafka lost ------------------------------------------------------------------------
+    def _recover_local_kafka(
+        self, exc: BaseException, start: StartPoint, initial: Checkpoint | None
+    ) -> StartPoint:
+        """The local Kafka failed a send or a commit (down longer than ``kafka_call_timeout_s``).
+
+        The open Kafka transaction is lost; nothing past the last committed checkpoint counts.  So:
+        retire the reader, open a new producer (its ``init_transactions`` aborts the old
+        transaction, or waits for a commit that did reach the coordinator to complete), re-read
+        the checkpoint read_committed and stream again after it.  Retried with backoff up to
+        ``reconnect_max_elapsed_s``, then GaveUpError (exit 6).
+        """
+        self.metrics.kafka_recoveries.labels(self.s.source).inc()
+        self._log.warning("local_kafka_lost_recovering", error=repr(exc), checkpoint=self._cp_text())
+        self._stop_reader()
+        self.sink.close()
+        self._with_retry("kafka init_transactions", self.sink.start, _KAFKA_RETRYABLE)
+        cp = self._with_retry("read checkpoint", self.sink.read_checkpoint, _KAFKA_RETRYABLE)
+        if cp is None or cp == initial:
+            # Nothing committed since this process started: begin again where it began (a
+            # ``--from-now`` start must not fall back to an older checkpoint).
+            self._log.info("local_kafka_recovered", resume="start_point")
+            return start
+        self.last_checkpoint = cp
+        self._log.info("local_kafka_recovered", resume="checkpoint", checkpoint=self._cp_text())
+        return self._checkpoint_start(cp)
+
+    def _stop_reader(self) -> None:
+        self._halt.set()
+        if self._reader is not None:
+            self._reader.close()
+        thread = self._reader_thread
+        if thread is not None:
+            thread.join(timeout=30)
+            if thread.is_alive():
+                raise WmbError("the binlog reader thread did not stop within 30 s")
+        while True:  # what the retired reader had queued belongs to the lost transaction
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+
+    def _checkpoint_start(self, cp: Checkpoint) -> StartPoint:
+        if cp.gtid_state:
+            self._log.info("resume_from_checkpoint", gtid_state=cp.gtid_state, file=cp.file, pos=cp.pos)
+            return StartPoint(cp.gtid_state)
+        self._log.info("resume_from_checkpoint", file=cp.file, pos=cp.pos)
+        return StartPoint(None, cp.file, cp.pos)
+
     # -- reader thread ---------------------------------------------------------------------------
     def _start_reader(self, start: StartPoint) -> None:
         self._reader = TxnReader(
@@ -282,41 +339,49 @@ class CaptureDaemon:
             only_schemas=self.builder.filter.only_schemas(),
             table_filter=self.builder.filter,
         )
-        self._reader_thread = threading.Thread(target=self._read_loop, name="binlog-reader", daemon=True)
+        self._halt = threading.Event()
+        self._reader_thread = threading.Thread(
+            target=self._read_loop, args=(self._halt,), name="binlog-reader", daemon=True
+        )
         self._reader_thread.start()
 
-    def _read_loop(self) -> None:
+    def _halted(self, halt: threading.Event) -> bool:
+        """The reader thread's exit condition: the daemon stops, or this reader is replaced."""
+        return self.stop.stopped or halt.is_set()
+
+    def _read_loop(self, halt: threading.Event) -> None:
         try:
-            while not self.stop.stopped:
+            while not self._halted(halt):
                 try:
                     for attempt in self._retrying("binlog stream", _MYSQL_RETRYABLE):
                         with attempt:
-                            self._stream_once()
-                    if not self.stop.stopped:
-                        self._put(_ENDED)  # only a non-blocking stream ends by itself
+                            self._stream_once(halt)
+                    if not self._halted(halt):
+                        self._put(_ENDED, halt)  # only a non-blocking stream ends by itself
                     return
                 except _StreamBroke as exc:
                     self._log.warning("binlog_stream_broke_reconnecting", error=repr(exc.__cause__))
                     continue
                 except _MYSQL_RETRYABLE as exc:
-                    if self.stop.stopped:
+                    if self._halted(halt):
                         return
                     raise GaveUpError(f"binlog stream: gave up reconnecting: {exc!r}") from exc
         except BaseException as exc:
-            self._put(_ReaderFailed(exc))
+            self._put(_ReaderFailed(exc), halt)
 
-    def _stream_once(self) -> None:
-        assert self._reader is not None
-        if self.stop.stopped:
+    def _stream_once(self, halt: threading.Event) -> None:
+        reader = self._reader
+        assert reader is not None
+        if self._halted(halt):
             return
         progressed = False
         try:
-            for txn in self._reader.transactions():
+            for txn in reader.transactions():
                 progressed = True
-                if not self._put(self._prepare(txn)):
+                if not self._put(self._prepare(txn), halt):
                     return
         except _MYSQL_RETRYABLE as exc:
-            if self.stop.stopped:
+            if self._halted(halt):
                 return
             if progressed:
                 raise _StreamBroke() from exc
@@ -341,13 +406,15 @@ class CaptureDaemon:
             msgs.append((value, key, part, headers_of(ev)))
         return _Prepared(txn, msgs, nbytes)
 
-    def _put(self, item: _QueueItem) -> bool:
+    def _put(self, item: _QueueItem, halt: threading.Event) -> bool:
         while True:
+            if halt.is_set():
+                return False  # this reader was replaced: its items must not reach the new sink
             try:
                 self._queue.put(item, timeout=0.2)
                 return True
             except queue.Full:
-                if self.stop.stopped:
+                if self._halted(halt):
                     return False
 
     # -- producer loop ---------------------------------------------------------------------------
@@ -359,7 +426,10 @@ class CaptureDaemon:
         """
         self.builder.partitions = self.sink.partitions
         self._reader = reader
-        self._reader_thread = threading.Thread(target=self._read_loop, name="binlog-reader", daemon=True)
+        self._halt = threading.Event()
+        self._reader_thread = threading.Thread(
+            target=self._read_loop, args=(self._halt,), name="binlog-reader", daemon=True
+        )
         self._reader_thread.start()
         try:
             self._loop()

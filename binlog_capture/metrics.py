@@ -33,6 +33,12 @@ class CaptureMetrics:
             ["source"],
             registry=r,
         )
+        self.kafka_recoveries = Counter(
+            "wmb_capture_kafka_recoveries",
+            "Local Kafka failures recovered in process (new producer, resume after the checkpoint)",
+            ["source"],
+            registry=r,
+        )
         self.commit_latency = Histogram(
             "wmb_capture_kafka_commit_seconds",
             "commit_transaction latency",

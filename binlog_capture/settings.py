@@ -66,6 +66,13 @@ class CaptureSettings:
     #: codec of the produced batches; the relay ships them over the WAN as stored, so this is what
     #: the WAN link carries (librdkafka compresses off the GIL).
     compression: CompressionKind = "zstd"
+    #: how long one transactional call (init/commit/abort) may block before the daemon treats the
+    #: local Kafka as lost and recovers (new producer, resume after the committed checkpoint).
+    kafka_call_timeout_s: float = 60.0
+    #: the broker aborts a transaction left open this long.  Far above ``kafka_call_timeout_s``, so
+    #: an outage of the local Kafka ends in a recovery, never in a "fenced" exit (the coordinator
+    #: bumps the epoch of a timed-out transaction, which this producer would read as fencing).
+    kafka_transaction_timeout_ms: int = 600_000
 
     def __post_init__(self) -> None:
         if self.ordering not in ("database", "table", "row"):
@@ -81,6 +88,12 @@ class CaptureSettings:
             raise ConfigError(f"capture.compression: {self.compression!r} is not none|gzip|lz4|zstd")
         if self.commit_interval_ms <= 0 or self.commit_max_events <= 0:
             raise ConfigError("capture.commit_interval_ms and commit_max_events must be > 0")
+        call_s, txn_ms = self.kafka_call_timeout_s, self.kafka_transaction_timeout_ms
+        if call_s <= 0 or txn_ms < 2_000 * call_s:
+            raise ConfigError(
+                "capture: kafka_transaction_timeout_ms must be at least twice kafka_call_timeout_s "
+                f"(got {self.kafka_transaction_timeout_ms} ms and {self.kafka_call_timeout_s} s)"
+            )
 
     @property
     def transactional_id(self) -> str:

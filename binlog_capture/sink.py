@@ -39,8 +39,6 @@ _FENCED = (kerr.ProducerFencedError, kerr.InvalidProducerEpochError)
 _CK_FENCED_CODES = frozenset(
     {CKafkaError._FENCED, CKafkaError.PRODUCER_FENCED, CKafkaError.INVALID_PRODUCER_EPOCH}
 )
-# How long one transactional call (init/commit/abort) may block before librdkafka gives up.
-_TXN_CALL_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -93,8 +91,12 @@ class KafkaTxnSink:
         partitions: int,
         source: str,
         compression: str = "zstd",
+        call_timeout_s: float = 60.0,
+        transaction_timeout_ms: int = 600_000,
     ) -> None:
         self.bootstrap = bootstrap
+        self.call_timeout_s = call_timeout_s  # one transactional call (init/commit/abort) at most
+        self.transaction_timeout_ms = transaction_timeout_ms
         self.transactional_id = transactional_id
         self.changes_topic = changes_topic
         self.checkpoint_topic = checkpoint_topic
@@ -169,12 +171,14 @@ class KafkaTxnSink:
                 "message.max.bytes": 16 * 1024 * 1024,
                 "queue.buffering.max.messages": 1_000_000,
                 "queue.buffering.max.kbytes": 1024 * 1024,
-                "transaction.timeout.ms": 60000,
-                "message.timeout.ms": 60000,
+                # A delivery that fails fails the commit (and the daemon recovers); the broker's
+                # transaction timeout stays far above it, see CaptureSettings.
+                "transaction.timeout.ms": self.transaction_timeout_ms,
+                "message.timeout.ms": max(1000, int(self.call_timeout_s * 1000)),
                 "log_level": 4,  # warnings and worse on stderr
             }
         )
-        self._call(self._producer.init_transactions, _TXN_CALL_TIMEOUT_S)
+        self._call(self._producer.init_transactions, self.call_timeout_s)
         _log.info("transactions_initialized", transactional_id=self.transactional_id)
 
     def read_checkpoint(self, timeout_s: float = 30.0) -> Checkpoint | None:
@@ -270,14 +274,14 @@ class KafkaTxnSink:
             0,
         )
         t0 = time.perf_counter()
-        self._call(self._producer.commit_transaction, _TXN_CALL_TIMEOUT_S)
+        self._call(self._producer.commit_transaction, self.call_timeout_s)
         self._in_txn = False
         return time.perf_counter() - t0
 
     def abort(self) -> None:
         if self._producer is not None and self._in_txn:
             self._in_txn = False
-            self._call(self._producer.abort_transaction, _TXN_CALL_TIMEOUT_S)
+            self._call(self._producer.abort_transaction, self.call_timeout_s)
 
     def close(self, timeout_s: float = 1.0) -> None:
         """Drop the producer.  An open transaction is not committed: the next instance's

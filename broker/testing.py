@@ -178,15 +178,30 @@ def mirror_report(src: str, dst: str, topic: str, dst_topic: str | None = None) 
     """
     lines = []
     try:
-        src_n = {p: len(r) for p, r in read_topic(src, topic, timeout_s=20).items()}
-        dst_n = {p: len(r) for p, r in read_topic(dst, dst_topic or topic, timeout_s=20).items()}
+        src_recs = read_topic(src, topic, timeout_s=20)
+        dst_recs = read_topic(dst, dst_topic or topic, timeout_s=20)
         lso = end_offsets(dst, dst_topic or topic)
         hw = end_offsets(dst, dst_topic or topic, "read_uncommitted")
-        for p in sorted(src_n):
+        for p in sorted(src_recs):
+            src_vals = [r.value for r in src_recs[p]]
+            dst_part = dst_recs.get(p, [])
             lines.append(
-                f"  partition {p}: src={src_n[p]} dst={dst_n.get(p)} "
+                f"  partition {p}: src={len(src_vals)} dst={len(dst_part)} "
                 f"dst_lso={lso.get(p)} dst_high_watermark={hw.get(p)}"
             )
+            # Where the copies differ: repeated values (duplicates) and values the source lacks.
+            seen: dict[bytes, int] = {}
+            known = set(src_vals)
+            odd = []
+            for r in dst_part:
+                if r.value in seen:
+                    odd.append(f"dup {r.value!r} at dst offsets {seen[r.value]} and {r.offset}")
+                elif r.value not in known:
+                    odd.append(f"foreign {r.value!r} at dst offset {r.offset}")
+                seen.setdefault(r.value, r.offset)
+            lines.extend(f"    {line}" for line in odd[:3])
+            if len(odd) > 3:
+                lines.append(f"    ... and {len(odd) - 3} more ({odd[-1]})")
     except Exception as exc:  # a report must not hide the timeout it explains
         lines.append(f"  (report failed: {exc!r})")
     return "\n".join(lines)

@@ -160,7 +160,7 @@ def io_retry(
 
     return Retrying(
         retry=retry_if_exception_type(retry_on),
-        wait=wait_exponential_jitter(initial=initial_s, max=max_backoff_s),
+        wait=wait_exponential_jitter(multiplier=initial_s, max=max_backoff_s),
         stop=bound,
         before_sleep=before_sleep,
         sleep=sleep,

@@ -147,8 +147,15 @@ def test_kill9_applier_under_load_exactly_once(
                 mariadb_replica.query("SELECT COUNT(*) FROM wmb.wmb_apply_done WHERE source=%s", source)[0][0]
             )
     assert beyond_watermark > 0 or not workers, "the crashes never left work beyond the watermark"
-    # ... and 3 kill -9 at arbitrary moments while it applies.
+    # ... and 3 kill -9 at arbitrary moments while it applies.  The loader may be done and the
+    # crashed runs may have caught up by now (one CI run waited in vain for progress), so each
+    # kill gets a fresh backlog of 60 transactions to be killed in the middle of.
+    wait_until(done.is_set, timeout_s=300, what="load finished")
     for _ in range(3):
+        for i in range(n_txns, n_txns + 60):
+            produce(producer, topic, sim.txn(_txn_ops(db, i)))
+        producer.flush()
+        n_txns += 60
         proc = applier(None)
         target = _marker_count(mariadb_replica) + rnd.randint(3, 30)
         wait_until(lambda t=target: _marker_count(mariadb_replica) > t, what="applier progress")
@@ -156,7 +163,6 @@ def test_kill9_applier_under_load_exactly_once(
         proc.wait(30)
         kills += 1
     assert kills >= 5
-    wait_until(done.is_set, timeout_s=300, what="load finished")
     # A clean run to the end, stopped with SIGTERM (exit 0).
     port = free_port()
     proc = applier(None, "--metrics-port", str(port))

@@ -244,6 +244,14 @@ def test_kill_minus_9_keeps_every_transaction_exactly_once(
             proc.send_signal(signal.SIGTERM)
             _finish(proc, 30)
     assert kills >= 6 and killed_inside_big >= 1, (kills, killed_inside_big)
+    master_rows = mariadb_master.query(f"SELECT COUNT(*) FROM {db}.t")[0][0] + 10_000
+    _assert_exactly_once(events, final, master_rows)
+
+
+def _assert_exactly_once(
+    events: list[tuple[int, ChangeEvent]], final: dict[str, int], master_rows: int
+) -> None:
+    """Every committed source transaction (GTID -> rows) exactly once, whole, in order."""
     rows = [e for _, e in events if e.op is Op.INSERT]
     ids = Counter((e.txn.id, e.txn.seq) for e in rows)
     dupes = [k for k, n in ids.items() if n > 1]
@@ -257,5 +265,57 @@ def test_kill_minus_9_keeps_every_transaction_exactly_once(
         assert len(evs) == n, f"{gtid}: {len(evs)} of {n} rows"
         assert [e.txn.seq for e in sorted(evs, key=lambda e: e.txn.seq)] == list(range(n))
         assert sum(e.txn.last for e in evs) == 1
-    master_rows = mariadb_master.query(f"SELECT COUNT(*) FROM {db}.t")[0][0] + 10_000
     assert len(rows) == master_rows
+
+
+def test_local_kafka_outage_recovers_in_process_exactly_once(
+    mariadb_master: Any, server_factory: Any, tmp_path: Path
+) -> None:
+    """The local Kafka is killed (-9) for longer than a transactional call may block: the capture
+    must recover in process (new producer, resume after the committed checkpoint), not exit and
+    not read the broker's abort of its open transaction as fencing, and lose or repeat nothing."""
+    kafka = server_factory.kafka(name="bj_capture_private")
+    db, source = _name("kout"), _name("kout")
+    mariadb_master.execute(f"CREATE DATABASE {db}")
+    mariadb_master.execute(f"CREATE TABLE {db}.t (id INT PRIMARY KEY, v VARCHAR(64))")
+    settings = settings_for(
+        mariadb_master, kafka, source, include=(f"{db}.*",), partitions=2, kafka_call_timeout_s=3.0
+    )
+    log = tmp_path / "capture.log"
+    proc = spawn(settings, tmp_path, "--from-now")
+    wait_log(log, "binlog_stream_open", proc=proc)
+    load = _Load(mariadb_master, db)
+    load.start()
+    try:
+        read_events(kafka.bootstrap, source, until=lambda evs: len(evs) > 200, timeout_s=120)
+        for outage in range(2):
+            kafka.kill()
+            time.sleep(10.0)  # > kafka_call_timeout_s: the open transaction cannot commit
+            kafka.restart()
+            deadline = time.monotonic() + 120
+            while log.read_text().count("local_kafka_recovered") < outage + 1:
+                assert proc.poll() is None, f"capture exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no recovery {outage + 1}:\n{log.read_text()[-3000:]}"
+                time.sleep(0.5)
+            n = len(read_events(kafka.bootstrap, source, timeout_s=120))
+            read_events(kafka.bootstrap, source, until=lambda evs, n=n: len(evs) > n + 200, timeout_s=120)
+        load.halt.set()
+        load.join(30)
+        final = dict(load.committed)
+        events = read_events(
+            kafka.bootstrap,
+            source,
+            until=lambda evs: sum(e.op is Op.INSERT for _, e in evs) >= sum(final.values()),
+            timeout_s=240,
+        )
+        assert proc.poll() is None, f"capture exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+        text = log.read_text()
+        assert text.count("local_kafka_recovered") >= 2, text[-3000:]
+        assert "fenced" not in text, text[-3000:]
+    finally:
+        load.halt.set()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            assert _finish(proc, 30) == 0, log.read_text()[-3000:]
+    master_rows = mariadb_master.query(f"SELECT COUNT(*) FROM {db}.t")[0][0]
+    _assert_exactly_once(events, final, master_rows)

@@ -114,9 +114,17 @@ def test_long_link_cut_under_load(
 
 
 def _restart_destination_under_load(
-    kafka_bj: KafkaServer, server_factory: ServerPool, down_s: float, restarts: int, **kw: Any
+    kafka_bj: KafkaServer,
+    server_factory: ServerPool,
+    down_s: float,
+    restarts: int,
+    until_reset: bool = False,
+    **kw: Any,
 ) -> float:
-    """Kill -9 and restart gz ``restarts`` times under load; returns the relay's local resets."""
+    """Kill -9 and restart gz ``restarts`` times under load; returns the relay's local resets.
+
+    With ``until_reset`` the outages go on (up to ``restarts``) only until one of them has failed
+    a local transaction: whether an outage catches sends in flight depends on timing."""
     gz = server_factory.kafka(name="gz_private")
     topic = new_changes_topic(kafka_bj, partitions=2)
     s = relay_settings_for(kafka_bj, gz, topic, **kw)
@@ -136,6 +144,8 @@ def _restart_destination_under_load(
                     180,
                     f"relay flowing after restart {i + 1}",
                 )
+                if until_reset and relay.relay.metrics.local_resets._value.get() >= 1:
+                    break
             work.stop()
             assert_exact_mirror(kafka_bj.bootstrap, gz.bootstrap, topic)
             assert relay.alive and relay.error is None
@@ -170,7 +180,8 @@ def test_destination_down_past_the_delivery_timeout(
         kafka_bj,
         server_factory,
         down_s=15.0,
-        restarts=1,
+        restarts=4,
+        until_reset=True,
         delivery_timeout_ms=6_000,
     )
     assert resets >= 1, "the outage did not fail a local transaction: the test forced nothing"

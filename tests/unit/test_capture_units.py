@@ -239,3 +239,14 @@ sources:
         settings_from_topology(topo, "nope")
     lz4 = parse_topology(text.replace("    ordering: table\n", "    ordering: table\n    compression: lz4\n"))
     assert settings_from_topology(lz4, "main").compression == "lz4"
+
+
+def test_transaction_timeout_must_stay_far_above_the_call_timeout() -> None:
+    """Else a local Kafka outage ends with the broker aborting the open transaction (epoch bump),
+    which the producer reads as fencing: exit 5 and no restart, instead of a recovery."""
+    assert _settings().kafka_transaction_timeout_ms >= 2_000 * _settings().kafka_call_timeout_s
+    _settings(kafka_call_timeout_s=3.0, kafka_transaction_timeout_ms=6_000)
+    with pytest.raises(ConfigError, match="kafka_transaction_timeout_ms"):
+        _settings(kafka_call_timeout_s=60.0, kafka_transaction_timeout_ms=60_000)
+    with pytest.raises(ConfigError, match="kafka_call_timeout_s"):
+        _settings(kafka_call_timeout_s=0)
