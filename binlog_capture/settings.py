@@ -42,8 +42,10 @@ class CaptureSettings:
     exclude: tuple[str, ...] = ()
     #: ``db.table.col`` globs of columns dropped before anything leaves the daemon.
     exclude_columns: tuple[str, ...] = ()
-    #: ``db.table.col`` -> "hash" (sha256 hex of the canonical bytes) or "null".
+    #: ``db.table.col`` -> "hash" (HMAC-SHA256 hex of the canonical bytes under ``mask_key``) or "null".
     mask_columns: Mapping[str, MaskKind] = field(default_factory=dict)
+    #: key of the hash masks (a secret: never logged; ``repr`` hides it).
+    mask_key: str = field(default="", repr=False)
     heartbeat_interval_s: float = 1.0
     commit_interval_ms: int = 10
     commit_max_events: int = 5000
@@ -84,6 +86,10 @@ class CaptureSettings:
                 raise ConfigError(f"capture.mask_columns[{col!r}]: {kind!r} is not hash|null")
             if col.count(".") < 2:
                 raise ConfigError(f"capture.mask_columns: {col!r} is not db.table.column")
+        if "hash" in self.mask_columns.values() and not self.mask_key:
+            raise ConfigError(
+                "capture.mask_key: hash masks need a key (set sources.<name>.mask_key, e.g. ${WMB_MASK_KEY})"
+            )
         if self.compression not in ("none", "gzip", "lz4", "zstd"):
             raise ConfigError(f"capture.compression: {self.compression!r} is not none|gzip|lz4|zstd")
         if self.commit_interval_ms <= 0 or self.commit_max_events <= 0:

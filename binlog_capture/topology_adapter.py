@@ -43,4 +43,7 @@ def from_topology(topology: Any, source_name: str, *, metrics_port: int | None =
         start_gtid=src.start.gtid,
         start_file=src.start.file,
         start_pos=src.start.pos,
+        reconnect_max_elapsed_s=src.retry_max_elapsed_s,
+        kafka_call_timeout_s=src.kafka_call_timeout_s,
+        mask_key=src.mask_key.get_secret_value() if src.mask_key is not None else "",
     )

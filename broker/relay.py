@@ -83,6 +83,25 @@ def _raise_if_any_failed(futures: list[Any]) -> None:
             raise exc if isinstance(exc, kerr.KafkaError) else kerr.KafkaError(repr(exc))
 
 
+def _commit_bounded(producer: KafkaProducer, timeout_s: float) -> None:
+    """``commit_transaction()`` that gives up after ``timeout_s`` (KafkaTimeoutError, so LocalError).
+
+    kafka-python's own commit waits without a bound, and a producer wedged by a destination restart
+    never finishes it.  Giving up is safe: the next producer's ``init_transactions`` either aborts
+    this transaction or waits for a commit that did reach the coordinator to complete, and the
+    checkpoint is then re-read read_committed.
+    """
+    tm = getattr(producer, "_transaction_manager", None)
+    sender = getattr(producer, "_sender", None)
+    if tm is None or sender is None or not hasattr(tm, "begin_commit"):  # another kafka-python layout
+        producer.commit_transaction()
+        return
+    result = tm.begin_commit()
+    sender.wakeup()
+    if not result.wait(timeout_ms=int(timeout_s * 1000)):
+        raise kerr.KafkaTimeoutError(f"commit_transaction did not complete in {timeout_s:g} s")
+
+
 def _client_id(settings: RelaySettings, role: str) -> str:
     return f"{settings.transactional_id}-{role}"
 
@@ -522,9 +541,9 @@ class Relay:
             # aborts the transaction broker-side, then skips the EndTxn).  Trusting such a commit
             # moved the checkpoint past records that never landed.  So every send must have
             # succeeded before we commit; otherwise abort and re-seek (LocalError).
-            p.flush()
+            p.flush(timeout=s.local_txn_timeout_s)
             _raise_if_any_failed(sent)
-            p.commit_transaction()
+            _commit_bounded(p, s.local_txn_timeout_s)
         self._checkpoints.update(changed)
         self._last_commit = now
         if last_ts is not None:

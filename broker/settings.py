@@ -63,6 +63,11 @@ class RelaySettings:
     transaction_timeout_ms: int = 600_000
     # A local send not acknowledged in this time fails its transaction (abort + re-seek).
     delivery_timeout_ms: int = 120_000
+    # The local flush, and then the commit, of one relay transaction may each take this long before
+    # the relay gives the producer up (abort + re-seek).  kafka-python's transactional producer can
+    # stay wedged after the destination Kafka restarts (observed: 2 min, until the delivery timeout)
+    # and its commit waits without any bound; a fresh producer recovers at once.
+    local_txn_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
         if self.route != f"{self.src_dc}:{self.dst_dc}":

@@ -410,7 +410,11 @@ class Source(_Model):
     exclude_columns: list[ColumnGlob] = []
     """Columns dropped from every event, ``db.table.column`` globs (e.g. secrets)."""
     mask_columns: dict[ColumnGlob, MaskKind] = {}
-    """Columns whose values are replaced: ``hash`` (keyed SHA-256 hex) or ``null``."""
+    """Columns whose values are replaced: ``hash`` (HMAC-SHA256 hex under ``mask_key``) or ``null``."""
+    mask_key: SecretStr | None = None
+    """Key of the ``hash`` masks (secret; use ``${ENV}``), required when any mask is ``hash``: an
+    unkeyed digest of a phone number or an e-mail address is reversed by trying every candidate.
+    Changing it changes every masked value downstream."""
     ordering: Ordering = Ordering.DATABASE
     """Ordering scope = partition key: ``database`` keeps whole transactions in one partition
     (total order per database); ``table`` and ``row`` trade that for parallelism."""
@@ -428,6 +432,12 @@ class Source(_Model):
     writes), so this is what the WAN link carries."""
     start: CdcStart = CdcStart()
     """Start position when there is no checkpoint; default: the master's current position."""
+    retry_max_elapsed_s: Annotated[float, Field(gt=0)] | None = 300.0
+    """Give up (exit with GAVE_UP) after retrying a lost MySQL or local Kafka connection this long;
+    null = retry forever."""
+    kafka_call_timeout_s: Annotated[float, Field(gt=0, le=300)] = 60.0
+    """How long one Kafka transactional call (begin/commit) may block before the capturer treats
+    its local Kafka as lost and recovers in process (new producer, resume after the checkpoint)."""
 
     _name: str = PrivateAttr(default="")
 
@@ -817,6 +827,8 @@ def _cross_check(topo: Topology) -> list[str]:
             err(f"{where}.replication_server_id: server_id {sid} is also used by {ids[sid]}")
         else:
             ids[sid] = f"{where}.replication_server_id"
+        if "hash" in src.mask_columns.values() and not (src.mask_key and src.mask_key.get_secret_value()):
+            err(f"{where}.mask_key: hash masks need a key; set it from the environment, e.g. ${{WMB_MASK_KEY}}")
         src_dc = dcs.get(src.dc)
         if src_dc is None:
             err(f"{where}.dc: unknown datacenter {src.dc!r}")
