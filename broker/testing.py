@@ -199,12 +199,45 @@ def mirror_report(src: str, dst: str, topic: str, dst_topic: str | None = None) 
                 elif r.value not in known:
                     odd.append(f"foreign {r.value!r} at dst offset {r.offset}")
                 seen.setdefault(r.value, r.offset)
+            if odd:  # a second reader (librdkafka) tells a consumer bug from a real duplicate
+                other = _librdkafka_count(dst, dst_topic or topic, p)
+                lines.append(f"    librdkafka read_committed count: {other}")
             lines.extend(f"    {line}" for line in odd[:3])
             if len(odd) > 3:
                 lines.append(f"    ... and {len(odd) - 3} more ({odd[-1]})")
     except Exception as exc:  # a report must not hide the timeout it explains
         lines.append(f"  (report failed: {exc!r})")
     return "\n".join(lines)
+
+
+def _librdkafka_count(bootstrap: str, topic: str, partition: int) -> int | str:
+    from confluent_kafka import Consumer
+    from confluent_kafka import TopicPartition as CTopicPartition
+
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "wmb-mirror-report",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    try:
+        c.assign([CTopicPartition(topic, partition, 0)])
+        n = 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            msg = c.poll(1.0)
+            if msg is None:
+                continue
+            error = msg.error()
+            if error is not None:
+                return n if error.code() == -191 else f"error {error}"  # -191: _PARTITION_EOF
+            n += 1
+        return f"timeout after {n}"
+    finally:
+        c.close()
 
 
 def wait_mirrored(

@@ -828,7 +828,7 @@ def _cross_check(topo: Topology) -> list[str]:
         else:
             ids[sid] = f"{where}.replication_server_id"
         if "hash" in src.mask_columns.values() and not (src.mask_key and src.mask_key.get_secret_value()):
-            err(f"{where}.mask_key: hash masks need a key; set it from the environment, e.g. ${{WMB_MASK_KEY}}")
+            err(f"{where}.mask_key: hash masks need a key; set it from the environment (${{WMB_MASK_KEY}})")
         src_dc = dcs.get(src.dc)
         if src_dc is None:
             err(f"{where}.dc: unknown datacenter {src.dc!r}")

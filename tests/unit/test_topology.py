@@ -194,6 +194,8 @@ def check_topology_text(text: str, env: dict[str, str] | None = None) -> list[st
             "sources.main.start: not a MariaDB GTID",
         ),
         (('exclude: ["app.tmp_*"]', 'exclude: ["app.users"]'), "source 'main' does not capture app.users"),
+        (("    mask_key: ${WMB_MASK_KEY:-sandbox-only-mask-key}", ""), "sources.main.mask_key: hash masks need"),
+        (("    mask_key: ${WMB_MASK_KEY:-sandbox-only-mask-key}", "    mask_key: ${WMB_MASK_KEY}"), "WMB_MASK_KEY"),
     ],
 )
 def test_more_refusals(change: tuple[str, str], expected: str) -> None:
