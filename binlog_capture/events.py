@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import hmac
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from wmb.event import ChangeEvent, Op, Position, TxnInfo, Version
 from wmb.topics import is_applier_ddl, is_applier_marker_table
 
 SYSTEM_SCHEMAS = frozenset({"mysql", "information_schema", "performance_schema", "sys"})
-MASKED_HASH_TAG = "text:utf8mb4"  # a sha256 hex digest, whatever the column's own type
+MASKED_HASH_TAG = "text:utf8mb4"  # an HMAC-SHA256 hex digest, whatever the column's own type
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +150,7 @@ class EventBuilder:
         self.s = settings
         self.filter = TableFilter(settings)
         self._plans: dict[int, tuple[Sequence[Any], _TablePlan]] = {}
+        self._mask_key = settings.mask_key.encode()
 
     # -- per table ---------------------------------------------------------------------------------
     def _plan(self, item: RowsItem) -> _TablePlan:
@@ -197,7 +199,8 @@ class EventBuilder:
                 if kind == "null" or v is None:
                     out[name] = None
                 else:
-                    out[name] = hashlib.sha256(canonical_bytes(plan.tags.get(name, ""), v)).hexdigest()
+                    msg = canonical_bytes(plan.tags.get(name, ""), v)
+                    out[name] = hmac.new(self._mask_key, msg, hashlib.sha256).hexdigest()
         return out
 
     # -- per transaction ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ kill -9, fencing and refused starts)."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import uuid
 from collections import defaultdict
@@ -238,6 +239,7 @@ def test_filters_and_masks_apply_before_anything_leaves(mariadb_master: Any, kaf
         exclude=(f"{db}.secret",),
         exclude_columns=(f"{db}.users.password",),
         mask_columns={f"{db}.users.email": "hash", f"{db}.users.phone": "null"},
+        mask_key="test-mask-key",
         partitions=1,
     )
     with running(settings, start="now"):
@@ -251,7 +253,7 @@ def test_filters_and_masks_apply_before_anything_leaves(mariadb_master: Any, kaf
     rows = [e for _, e in events if e.op is not Op.HEARTBEAT]
     assert [(e.op, e.database, e.table) for e in rows] == [(Op.INSERT, db, "users"), (Op.UPDATE, db, "users")]
     ins, upd = rows
-    digest = hashlib.sha256(b"a@b.c").hexdigest()
+    digest = hmac.new(b"test-mask-key", b"a@b.c", hashlib.sha256).hexdigest()  # keyed: not a lookup
     assert dict(ins.after or {}) == {"id": 1, "email": digest, "phone": None}
     assert "password" not in ins.columns
     assert dict(upd.before or {})["email"] == digest and dict(upd.after or {})["email"] is None

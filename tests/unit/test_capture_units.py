@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +130,10 @@ def _cols() -> list[_Col]:
 
 def test_builder_masks_drops_and_numbers_events() -> None:
     s = _settings(
-        exclude_columns=("d.u.pw",), mask_columns={"d.u.email": "hash", "d.u.phone": "null"}, epoch=3
+        exclude_columns=("d.u.pw",),
+        mask_columns={"d.u.email": "hash", "d.u.phone": "null"},
+        mask_key="k1",
+        epoch=3,
     )
     b = EventBuilder(s)
     row = {"values": {"id": 1, "email": "a@b", "phone": "1", "pw": "x"}, "none_sources": {}}
@@ -147,7 +151,8 @@ def test_builder_masks_drops_and_numbers_events() -> None:
     out = b.build(txn, 7)
     assert [m.event.op for m in out] == [Op.INSERT, Op.UPDATE, Op.DDL]
     ins, up, ddl = (m.event for m in out)
-    assert dict(ins.after or {}) == {"id": 1, "email": hashlib.sha256(b"a@b").hexdigest(), "phone": None}
+    keyed = hmac.new(b"k1", b"a@b", hashlib.sha256).hexdigest()
+    assert dict(ins.after or {}) == {"id": 1, "email": keyed, "phone": None}
     assert "pw" not in ins.columns
     assert dict(up.pk) == {"id": 1} and dict(up.after or {})["id"] == 2
     assert [e.txn.seq for e in (ins, up, ddl)] == [0, 1, 2] and [e.txn.last for e in (ins, up, ddl)] == [
@@ -176,13 +181,15 @@ def test_heartbeat_goes_to_every_partition() -> None:
 
 # -- settings ----------------------------------------------------------------------------------------
 def test_settings_json_round_trip_and_validation() -> None:
-    s = _settings(include=("a.*",), mask_columns={"a.b.c": "hash"})
+    s = _settings(include=("a.*",), mask_columns={"a.b.c": "hash"}, mask_key="k")
     assert CaptureSettings.from_mapping(__import__("json").loads(s.to_json())) == s
     assert s.transactional_id == "wmb-capture-s"
     with pytest.raises(ConfigError):
         _settings(ordering="column")
     with pytest.raises(ConfigError):
-        _settings(mask_columns={"a.b": "hash"})
+        _settings(mask_columns={"a.b": "hash"}, mask_key="k")
+    with pytest.raises(ConfigError, match="mask_key"):
+        _settings(mask_columns={"a.b.c": "hash"})
     with pytest.raises(ConfigError):
         CaptureSettings.from_mapping({"source": "s", "bogus": 1})
     assert s.compression == "zstd"  # the WAN carries the capture's batches as they are
@@ -225,11 +232,15 @@ sources:
     include: ["app.*"]
     exclude_columns: ["app.users.pw"]
     mask_columns: {"app.users.email": hash}
+    mask_key: ${MASK_KEY}
+    retry_max_elapsed_s: 42
     partitions: 6
     ordering: table
 """
-    topo = parse_topology(text)
+    topo = parse_topology(text, env={"MASK_KEY": "k-from-env"})
     s = settings_from_topology(topo, "main", metrics_port=9500)
+    assert s.mask_key == "k-from-env" and "k-from-env" not in repr(s)
+    assert (s.reconnect_max_elapsed_s, s.kafka_call_timeout_s) == (42, 60.0)
     assert (s.source, s.origin_dc, s.mysql_port, s.mysql_password) == ("main", "bj", 3306, "pw")
     assert s.include == ("app.*",) and s.mask_columns == {"app.users.email": "hash"}
     assert (s.partitions, s.ordering, s.epoch, s.metrics_port) == (6, "table", 4, 9500)
@@ -237,7 +248,8 @@ sources:
     assert s.compression == "zstd"  # the Source default
     with pytest.raises(ConfigError):
         settings_from_topology(topo, "nope")
-    lz4 = parse_topology(text.replace("    ordering: table\n", "    ordering: table\n    compression: lz4\n"))
+    lz4_text = text.replace("    ordering: table\n", "    ordering: table\n    compression: lz4\n")
+    lz4 = parse_topology(lz4_text, env={"MASK_KEY": "k"})
     assert settings_from_topology(lz4, "main").compression == "lz4"
 
 
