@@ -102,6 +102,26 @@ def _commit_bounded(producer: KafkaProducer, timeout_s: float) -> None:
         raise kerr.KafkaTimeoutError(f"commit_transaction did not complete in {timeout_s:g} s")
 
 
+def _stop_producer(producer: KafkaProducer, logger: Any) -> None:
+    """Stop a failed producer for good before the next one starts.
+
+    ``close(timeout)`` flushes first and raises if that times out, leaving the sender thread
+    running: it would go on retrying the old epoch's batches and requests (a commit the relay gave
+    up on among them) next to the new producer.  Kafka's fencing makes that harmless in principle;
+    not leaving it to chance is cheaper than proving it.  So: force the sender closed (its pending
+    batches fail), wait for its thread, then close what is left.
+    """
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        with contextlib.suppress(Exception):
+            sender.force_close()
+        sender.join(10)
+        if sender.is_alive():
+            logger.warning("old_producer_sender_still_running")
+    with contextlib.suppress(Exception):
+        producer.close(timeout=0)
+
+
 def _client_id(settings: RelaySettings, role: str) -> str:
     return f"{settings.transactional_id}-{role}"
 
@@ -419,8 +439,7 @@ class Relay:
         """
         if self._producer is None:
             return
-        with contextlib.suppress(Exception):
-            self._producer.close(timeout=2)
+        _stop_producer(self._producer, self._log)
         self._producer = None
 
     def _reset_local(self) -> None:
@@ -432,8 +451,7 @@ class Relay:
         s = self.settings
         with _local_io("open local producer"):
             if self._producer is not None:
-                with contextlib.suppress(Exception):
-                    self._producer.close(timeout=2)
+                _stop_producer(self._producer, self._log)
                 self._producer = None
             if self._admin is None:
                 self._admin = KafkaAdminClient(
