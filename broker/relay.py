@@ -559,7 +559,12 @@ class Relay:
             # aborts the transaction broker-side, then skips the EndTxn).  Trusting such a commit
             # moved the checkpoint past records that never landed.  So every send must have
             # succeeded before we commit; otherwise abort and re-seek (LocalError).
-            p.flush(timeout=s.local_txn_timeout_s)
+            try:
+                p.flush(timeout=s.local_txn_timeout_s)
+            except kerr.KafkaTimeoutError as exc:
+                raise kerr.KafkaTimeoutError(
+                    f"local flush of {len(sent)} sends did not complete in {s.local_txn_timeout_s:g} s"
+                ) from exc
             _raise_if_any_failed(sent)
             _commit_bounded(p, s.local_txn_timeout_s)
         self._checkpoints.update(changed)
