@@ -171,10 +171,11 @@ def test_destination_kafka_restarted_twice(
 def test_destination_down_past_the_delivery_timeout(
     kafka_bj: KafkaServer, link_bj_gz: LinkEmulator, server_factory: ServerPool
 ) -> None:
-    """Forces the local-failure path: gz stays down longer than the relay's delivery timeout, so
-    the sends of the open transaction expire (kafka-python then bumps the epoch, skips the EndTxn
-    and reports the commit as done).  The relay must abort, re-read its checkpoint read_committed
-    and re-seek, skipping nothing and duplicating nothing.  (The transaction timeout stays above
+    """Forces the local-failure path: gz stays down longer than the relay's delivery timeout (and
+    than its local flush bound), so the sends of the open transaction expire or the flush gives up
+    (kafka-python, left alone, bumps the epoch, skips the EndTxn and reports the commit as done).
+    The relay must drop the producer, re-read its checkpoint read_committed and re-seek, skipping
+    nothing and duplicating nothing.  (The transaction timeout stays above
     the outage: past it the coordinator bumps the epoch and the relay sees itself fenced.)"""
     resets = _restart_destination_under_load(
         kafka_bj,
