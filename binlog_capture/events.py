@@ -21,6 +21,7 @@ import orjson
 from binlog_capture.reader import DdlItem, RowsItem, SourceTxn
 from binlog_capture.settings import CaptureSettings
 from wmb import values
+from wmb.codec import ColumnTags, build_event
 from wmb.event import ChangeEvent, Op, Position, TxnInfo, Version
 from wmb.topics import is_applier_ddl, is_applier_marker_table
 
@@ -133,16 +134,24 @@ def canonical_bytes(tag: str, value: Any) -> bytes:
 
 
 Norm = Callable[[Any, str | None], Any]
+_Draft = tuple[
+    Op, str, str, dict[str, Any], dict[str, Any] | None, dict[str, Any] | None, dict[str, str], str | None
+]
 
 
 @dataclass(slots=True)
 class _TablePlan:
     """Per table map (cached on the Column list): tags, normalizers, dropped and masked columns."""
 
-    tags: dict[str, str]
+    tags: ColumnTags
     norms: list[tuple[str, Norm]]
     masks: dict[str, str]
     pk_names: list[str]
+    #: no column dropped: an image starts as a copy of the library's row dict (same keys, same
+    #: table order), and only ``special`` (the normalizers that are not the identity) run per row
+    whole: bool = False
+    ncols: int = 0
+    special: list[tuple[str, Norm]] | None = None
 
 
 class EventBuilder:
@@ -179,7 +188,15 @@ class EventBuilder:
                 tags[name] = MASKED_HASH_TAG
         norms = [(n, values.normalizer(tags_all[n])) for n in tags]
         pk = [c.name for c in item.columns if c.is_primary and c.name in tags] or list(tags)
-        plan = _TablePlan(tags, norms, masks, pk)
+        plan = _TablePlan(
+            ColumnTags(tags),
+            norms,
+            masks,
+            pk,
+            whole=not drop and len(tags_all) == len(item.columns),
+            ncols=len(item.columns),
+            special=[(n, f) for n, f in norms if f is not values.passthrough],
+        )
         if len(self._plans) > 10_000:
             self._plans.clear()
         self._plans[key] = (item.columns, plan)
@@ -188,11 +205,20 @@ class EventBuilder:
     def _image(
         self, plan: _TablePlan, vals: Mapping[str, Any], nones: Mapping[str, Any] | None
     ) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+        out: dict[str, Any]
         nones = nones or {}
-        for name, norm in plan.norms:
-            v = vals[name]
-            out[name] = norm(v, nones.get(name) if v is None else None)
+        if plan.whole and len(vals) == plan.ncols:
+            # The library fills a row dict from the same Column list, in order: copying it is the
+            # image (order included); the identity normalizers need no call.
+            out = dict(vals)
+            for name, norm in plan.special or ():
+                v = out[name]
+                out[name] = norm(v, nones.get(name) if v is None else None)
+        else:
+            out = {}
+            for name, norm in plan.norms:
+                v = vals[name]
+                out[name] = norm(v, nones.get(name) if v is None else None)
         if plan.masks:
             for name, kind in plan.masks.items():
                 v = out[name]
@@ -209,7 +235,8 @@ class EventBuilder:
         pos = Position(gtid=txn.gtid, file=txn.file, pos=txn.pos)
         seq = _gtid_seq(txn)
         ts_ms = txn.ts_s * 1000
-        drafts: list[dict[str, Any]] = []
+        # (op, database, table, pk, before, after, columns, ddl)
+        drafts: list[_Draft] = []
         heartbeat_ts: int | None = None
         if any(not isinstance(i, DdlItem) and is_applier_marker_table(i.table) for i in txn.items):
             # Written by a wmb applier (a replica fed by wmb, now captured after a failover or in a
@@ -221,7 +248,7 @@ class EventBuilder:
                     continue
                 db, table = ddl_target(item.query, item.schema)
                 if self.filter.database_included(db) and (not table or self.filter(db, table)):
-                    drafts.append(dict(op=Op.DDL, database=db, table=table, ddl=item.query))
+                    drafts.append((Op.DDL, db, table, {}, None, None, {}, item.query))
                 continue
             if (item.schema, item.table) == (s.heartbeat_database, s.heartbeat_table):
                 for row in item.rows:
@@ -232,42 +259,48 @@ class EventBuilder:
             if not self.filter(item.schema, item.table):
                 continue
             plan = self._plan(item)
+            image = self._image
+            op, db, table, tags, pk_names = item.op, item.schema, item.table, plan.tags, plan.pk_names
             for row in item.rows:
-                if item.op is Op.UPDATE:
-                    before = self._image(plan, row["before_values"], row.get("before_none_sources"))
-                    after: dict[str, Any] | None = self._image(
-                        plan, row["after_values"], row.get("after_none_sources")
-                    )
-                    key_img = before
-                elif item.op is Op.INSERT:
-                    before, after = None, self._image(plan, row["values"], row.get("none_sources"))
+                if op is Op.INSERT:
+                    before, after = None, image(plan, row["values"], row.get("none_sources"))
                     key_img = after
-                else:
-                    before, after = self._image(plan, row["values"], row.get("none_sources")), None
+                elif op is Op.UPDATE:
+                    before = image(plan, row["before_values"], row.get("before_none_sources"))
+                    after = image(plan, row["after_values"], row.get("after_none_sources"))
                     key_img = before
-                drafts.append(
-                    dict(
-                        op=item.op,
-                        database=item.schema,
-                        table=item.table,
-                        pk={n: key_img[n] for n in plan.pk_names},
-                        before=before,
-                        after=after,
-                        columns=plan.tags,
-                    )
-                )
+                else:
+                    before, after = image(plan, row["values"], row.get("none_sources")), None
+                    key_img = before
+                pk = {n: key_img[n] for n in pk_names}
+                drafts.append((op, db, table, pk, before, after, tags, None))
         out: list[OutMessage] = []
-        n = len(drafts)
-        for i, d in enumerate(drafts):
-            ev = ChangeEvent(
-                source=s.source,
-                origin=s.origin_dc,
-                server_id=server_id,
-                ts_ms=ts_ms,
-                position=pos,
-                txn=TxnInfo(id=txn.txn_id, seq=i, last=i == n - 1),
-                version=Version(s.epoch, seq, i),
-                **d,
+        last = len(drafts) - 1
+        source, origin, epoch, txn_id = s.source, s.origin_dc, s.epoch, txn.txn_id
+        gtid, file, offset = txn.gtid, txn.file, txn.pos
+        for i, (op, db, table, pk, before, after, columns, ddl) in enumerate(drafts):
+            ev = build_event(
+                source,
+                origin,
+                server_id,
+                op,
+                db,
+                table,
+                ts_ms,
+                gtid,
+                file,
+                offset,
+                txn_id,
+                i,
+                i == last,
+                epoch,
+                seq,
+                i,
+                pk,
+                before,
+                after,
+                columns,
+                ddl,
             )
             out.append(OutMessage(ev))
         if heartbeat_ts is not None and not out:

@@ -67,7 +67,7 @@ def _image_to_json(image: Mapping[str, Any], columns: Mapping[str, str], what: s
     return out
 
 
-def envelope(event: ChangeEvent) -> dict[str, Any]:
+def envelope(event: ChangeEvent, *, copy_columns: bool = True) -> dict[str, Any]:
     """The envelope as a JSON-able dict (what :func:`encode` serializes)."""
     columns = event.columns
     pos = event.position
@@ -91,14 +91,159 @@ def envelope(event: ChangeEvent) -> dict[str, Any]:
         "before": None if event.before is None else _image_to_json(event.before, columns, "before"),
         "after": None if event.after is None else _image_to_json(event.after, columns, "after"),
         "version": [ver.epoch, ver.seq, ver.row],
-        "columns": dict(columns),
+        "columns": dict(columns) if copy_columns else None,
         "ddl": event.ddl,
     }
 
 
 def encode(event: ChangeEvent) -> bytes:
     """Serialize one event to its envelope bytes (UTF-8 JSON, keys in a fixed order)."""
+    columns = event.columns
+    if type(columns) is ColumnTags and columns._json is not None:
+        return _encode_tagged(event, columns, columns._json)
     return orjson.dumps(envelope(event))
+
+
+# Tags whose canonical values orjson writes as wmb's JSON form with no per-column help: the exact
+# types of _NATIVE, str (never a SET here), and Decimal (str(value), in the ``default`` hook below).
+_PLAIN_BASES = frozenset(
+    {
+        "int",
+        "uint",
+        "year",
+        "float",
+        "double",
+        "text",
+        "enum",
+        "json",
+        "decimal",
+        "date",
+        "datetime",
+        "timestamp",
+    }
+)
+
+
+class ColumnTags(dict[str, str]):
+    """A ``columns`` map (``{column: tag}``, table order) that carries its own encoding.
+
+    The capture builds one per table map and shares it across all events of that table, so
+    :func:`encode` takes the ``columns`` JSON pre-serialized from here and, for tables of plain
+    types only (no SET, BIT, binary, geometry or TIME column), lets orjson write the images
+    directly instead of converting them value by value.  The output is byte-for-byte what
+    :func:`envelope` gives; any mutation drops the cache (the next encode takes the generic path).
+    """
+
+    _json: orjson.Fragment | None = None
+    _plain: bool = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._json = orjson.Fragment(orjson.dumps(dict(self)))
+        try:
+            self._plain = all(split_tag(tag)[0] in _PLAIN_BASES for tag in self.values())
+        except (ValueError, TypeError):
+            self._plain = False
+
+    def _invalidate(self) -> None:
+        self._json = None
+        self._plain = False
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self._invalidate()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._invalidate()
+        super().__delitem__(key)
+
+    def __ior__(self, other: Any) -> ColumnTags:  # type: ignore[override,misc]
+        self._invalidate()
+        super().__ior__(other)
+        return self
+
+    def clear(self) -> None:
+        self._invalidate()
+        super().clear()
+
+    def pop(self, *args: Any) -> Any:
+        self._invalidate()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, str]:
+        self._invalidate()
+        return super().popitem()
+
+    def setdefault(self, key: str, default: str = "") -> str:
+        self._invalidate()
+        return super().setdefault(key, default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._invalidate()
+        super().update(*args, **kwargs)
+
+
+class _NotPlain(TypeError):
+    pass
+
+
+def _plain_default(value: Any) -> Any:
+    if type(value) is Decimal:
+        return str(value)
+    raise _NotPlain  # anything else: the generic path decides (converts or refuses)
+
+
+_PLAIN_OPTS = orjson.OPT_PASSTHROUGH_SUBCLASS  # str/int/dict subclasses go to the generic path too
+
+
+def _encode_tagged(event: ChangeEvent, columns: ColumnTags, columns_json: orjson.Fragment) -> bytes:
+    pos = event.position
+    txn = event.txn
+    ver = event.version
+    pk, before, after = event.pk, event.before, event.after
+    if columns._plain:
+        keys = columns.keys()
+        if (
+            type(pk) is dict
+            and keys >= pk.keys()
+            and (before is None or (type(before) is dict and keys >= before.keys()))
+            and (after is None or (type(after) is dict and keys >= after.keys()))
+        ):
+            doc = {
+                "v": event.v,
+                "id": f"{event.source}:{txn.id}:{txn.seq}",
+                "origin": event.origin,
+                "source": event.source,
+                "server_id": event.server_id,
+                "gtid": pos.gtid,
+                "file": pos.file,
+                "pos": pos.pos,
+                "db": event.database,
+                "table": event.table,
+                "op": event.op.value,
+                "ts_ms": event.ts_ms,
+                "txn": {"id": txn.id, "seq": txn.seq, "last": txn.last},
+                "pk": pk,
+                "before": before,
+                "after": after,
+                "version": [ver.epoch, ver.seq, ver.row],
+                "columns": columns_json,
+                "ddl": event.ddl,
+            }
+            try:
+                return orjson.dumps(doc, default=_plain_default, option=_PLAIN_OPTS)
+            except orjson.JSONEncodeError:
+                pass
+        return orjson.dumps(envelope(event))  # the same bytes, or the error that names the column
+    doc = envelope_with_columns(event, columns_json)
+    return orjson.dumps(doc)
+
+
+def envelope_with_columns(event: ChangeEvent, columns_json: Any) -> dict[str, Any]:
+    """:func:`envelope` with ``columns`` already in its JSON form (an ``orjson.Fragment``)."""
+    doc = envelope(event, copy_columns=False)
+    doc["columns"] = columns_json
+    return doc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,6 +497,9 @@ def _build_event(
     _ev_ddl(event, ddl)
     _ev_v(event, ENVELOPE_VERSION)
     return event
+
+
+build_event = _build_event  # the capture builds its events with it too
 
 
 # The envelope fields decode reads, fetched in one C call (KeyError when one is absent).
@@ -631,15 +779,31 @@ def message_key(event: ChangeEvent, ordering: Ordering | str) -> bytes:
     raise ValueError(f"unknown ordering {ordering!r}; expected one of {ORDERINGS}")
 
 
+_HeaderHead = tuple[tuple[str, bytes], ...]
+_HEADER_HEADS: dict[tuple[int, str, str, str], _HeaderHead] = {}
+
+
+def _header_head(v: int, origin: str, source: str, op: str) -> _HeaderHead:
+    head = (
+        (HEADER_VERSION, str(v).encode()),
+        (HEADER_ORIGIN, origin.encode()),
+        (HEADER_SOURCE, source.encode()),
+        (HEADER_OP, op.encode()),
+    )
+    if len(_HEADER_HEADS) >= 1024:
+        _HEADER_HEADS.clear()
+    _HEADER_HEADS[(v, origin, source, op)] = head
+    return head
+
+
 def headers(event: ChangeEvent, route: Sequence[str] = ()) -> list[tuple[str, bytes]]:
     """Kafka headers for one event; ``route`` is the datacenters it has passed (origin first)."""
-    out = [
-        (HEADER_VERSION, str(event.v).encode()),
-        (HEADER_ORIGIN, event.origin.encode()),
-        (HEADER_SOURCE, event.source.encode()),
-        (HEADER_OP, event.op.value.encode()),
-        (HEADER_ID, event.id.encode()),
-    ]
+    op = event.op.value
+    # The first four repeat for every event of a source: built once per (v, origin, source, op).
+    head = _HEADER_HEADS.get((event.v, event.origin, event.source, op))
+    if head is None:
+        head = _header_head(event.v, event.origin, event.source, op)
+    out = [*head, (HEADER_ID, event.id.encode())]
     if route:
         out.append((HEADER_ROUTE, ",".join(route).encode()))
     return out

@@ -208,6 +208,12 @@ def _zero_fraction(fsp: int) -> str:
     return "." + "0" * fsp if fsp else ""
 
 
+def passthrough(value: Any, none_source: str | None) -> Any:
+    """The normalizer of the tags whose library value already is canonical (callers that build
+    whole images at once test ``norm is passthrough`` and skip the call)."""
+    return value
+
+
 @lru_cache(maxsize=4096)
 def normalizer(tag: str, members: tuple[str, ...] | None = None) -> Normalizer:
     """The function ``(library_value, none_source) -> canonical value`` for one tag (cached).
@@ -215,9 +221,6 @@ def normalizer(tag: str, members: tuple[str, ...] | None = None) -> Normalizer:
     ``members`` is a SET column's member list in definition order (``Column.set_values``).
     """
     base, param = split_tag(tag)
-
-    def passthrough(value: Any, none_source: str | None) -> Any:
-        return value
 
     if base in ("int", "uint", "decimal", "double", "enum", "geometry"):
         # Exact already.  (ENUM: the library maps the index, 0 -> '' like the server.)
