@@ -32,7 +32,7 @@ from pymysqlreplication.event import (
 )
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
-from binlog_capture import tablemap_cache
+from binlog_capture import rowdecode, tablemap_cache
 from wmb import log
 from wmb.errors import PositionLostError
 from wmb.event import Gtid, Op
@@ -372,7 +372,9 @@ class TxnReader:
                 op = (
                     Op.INSERT if cls is WriteRowsEvent else Op.UPDATE if cls is UpdateRowsEvent else Op.DELETE
                 )
-                txn.items.append(RowsItem(op, ev.schema, ev.table, ev.columns, ev.primary_key, ev.rows))
+                txn.items.append(
+                    RowsItem(op, ev.schema, ev.table, ev.columns, ev.primary_key, rowdecode.rows(ev))
+                )
                 continue
             # the transaction is complete
             txn = None
