@@ -186,7 +186,9 @@ class EventBuilder:
         for name, kind in masks.items():
             if kind == "hash":
                 tags[name] = MASKED_HASH_TAG
-        norms = [(n, values.normalizer(tags_all[n])) for n in tags]
+        # column_normalizer, not normalizer(tag): a SET column's needs the member list.
+        by_name = {c.name: values.column_normalizer(c)[1] for c in item.columns}
+        norms = [(n, by_name[n]) for n in tags]
         pk = [c.name for c in item.columns if c.is_primary and c.name in tags] or list(tags)
         plan = _TablePlan(
             ColumnTags(tags),

@@ -117,6 +117,7 @@ class _Col:
     unsigned: bool = False
     collation_name: str | None = None
     max_length: int = 0
+    set_values: list[str] | None = None
 
 
 def _cols() -> list[_Col]:
@@ -162,6 +163,20 @@ def test_builder_masks_drops_and_numbers_events() -> None:
     ]
     assert ins.version.as_list() == [3, 42, 0] and ddl.version.as_list() == [3, 42, 2]
     assert ddl.database == "d" and ddl.table == "u" and ins.ts_ms == 10_000
+
+
+def test_builder_orders_set_members_like_select() -> None:
+    b = EventBuilder(_settings())
+    cols = [_Col("id", 3, is_primary=True), _Col("st", 248, set_values=["read", "write", "admin"])]
+    rows = [
+        {"values": {"id": 1, "st": {"admin", "read"}}, "none_sources": {}},
+        {"values": {"id": 2, "st": None}, "none_sources": {"st": "empty set"}},
+    ]
+    txn = SourceTxn(gtid="0-1-5", start_file="f", start_pos=4, file="f", pos=9)
+    txn.items = [RowsItem(Op.INSERT, "d", "u", cols, "id", rows)]
+    out = [m.event for m in b.build(txn, 1)]
+    assert [dict(e.after or {}) for e in out] == [{"id": 1, "st": "read,admin"}, {"id": 2, "st": ""}]
+    assert out[0].columns == {"id": "int", "st": "set"}
 
 
 def test_heartbeat_goes_to_every_partition() -> None:
