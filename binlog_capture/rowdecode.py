@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pymysqlreplication.constants import FIELD_TYPE
+from pymysqlreplication.constants import BINLOG, FIELD_TYPE
 from pymysqlreplication.row_event import RowsEvent, UpdateRowsEvent
 
 _NONE_NULL = "null"
@@ -66,6 +66,8 @@ def _plan_of(columns: Sequence[Any]) -> _Plan | None:
 def _decode(ev: Any) -> list[dict[str, Any]] | None:
     if not (getattr(ev, "_processed", False) and ev.complete):
         return None
+    if ev.event_type == BINLOG.PARTIAL_UPDATE_ROWS_EVENT:
+        return None  # MySQL's partial JSON updates prefix the after image: the library's job
     columns = ev.columns
     ncols = len(columns)
     if ev.number_of_columns != ncols:
