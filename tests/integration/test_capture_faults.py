@@ -299,8 +299,12 @@ def test_local_kafka_outage_recovers_in_process_exactly_once(
                 assert time.monotonic() < deadline, f"no recovery {outage + 1}:\n{log.read_text()[-3000:]}"
                 time.sleep(0.2)
             print(f"\noutage {outage + 1}: recovered {time.monotonic() - restarted:.1f} s after the restart")
-            n = len(read_events(kafka.bootstrap, source, timeout_s=120))
-            read_events(kafka.bootstrap, source, until=lambda evs, n=n: len(evs) > n + 200, timeout_s=120)
+            seen = len(read_events(kafka.bootstrap, source, timeout_s=120))
+
+            def flowing(evs: list[tuple[int, ChangeEvent]], seen: int = seen) -> bool:
+                return len(evs) > seen + 200
+
+            read_events(kafka.bootstrap, source, until=flowing, timeout_s=120)
         load.halt.set()
         load.join(30)
         final = dict(load.committed)

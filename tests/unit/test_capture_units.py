@@ -168,7 +168,7 @@ def test_builder_masks_drops_and_numbers_events() -> None:
 def test_builder_orders_set_members_like_select() -> None:
     b = EventBuilder(_settings())
     cols = [_Col("id", 3, is_primary=True), _Col("st", 248, set_values=["read", "write", "admin"])]
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"values": {"id": 1, "st": {"admin", "read"}}, "none_sources": {}},
         {"values": {"id": 2, "st": None}, "none_sources": {"st": "empty set"}},
     ]

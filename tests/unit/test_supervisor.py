@@ -60,7 +60,14 @@ def test_sigterm_reaches_every_child_and_they_drain(tmp_path: Path) -> None:
     )
     child = _script(tmp_path, "draining", body)
     sup = Supervisor([child], wmb_argv=(sys.executable,), stop_timeout_s=10)
-    code = _run(sup, lambda: sup.children[0].proc is not None and time.sleep(0.5) is None)
+
+    def started() -> bool:
+        if sup.children[0].proc is None:
+            return False
+        time.sleep(0.5)  # let the child install its SIGTERM handler
+        return True
+
+    code = _run(sup, started)
     assert code == ExitCode.OK
     assert marker.read_text() == "ok"
     assert sup.children[0].proc is None
