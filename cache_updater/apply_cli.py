@@ -26,18 +26,17 @@ def run_applier(
 ) -> None:
     """Run the applier until SIGTERM/SIGINT (then commit what is whole and return)."""
     from cache_updater.applier.runner import ApplyRunner
-    from cache_updater.dlq import make_producer, send_to_dlq
+    from cache_updater.dlq import DeadLetterSink
 
     stop = stop or StopToken().install()
-    producer: Any = None
+    sink = DeadLetterSink(
+        settings.kafka_bootstrap, settings.dc, "apply", stop=stop, max_elapsed_s=settings.max_retry_elapsed_s
+    )
 
     def dead_letter(record: Any, reason: str, detail: str) -> None:
-        nonlocal producer
-        if producer is None:
-            producer = make_producer(settings.kafka_bootstrap)
-        send_to_dlq(producer, settings.dc, record, reason, detail, stage="apply")
-        # Flushed now: the replica commit that moves the position past this record comes later.
-        producer.flush()
+        sink.park(record, reason, detail)
+        # Durable now: the replica commit that moves the position past this record comes later.
+        sink.flush()
 
     runner = ApplyRunner(settings, stop, dlq=dead_letter)
     metrics = MetricsServer(metrics_port, runner.status.health).start() if metrics_port is not None else None
@@ -46,8 +45,7 @@ def run_applier(
     finally:
         if metrics is not None:
             metrics.stop()
-        if producer is not None:
-            producer.close()
+        sink.close()
 
 
 @click.command("apply")

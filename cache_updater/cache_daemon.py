@@ -50,6 +50,7 @@ from wmb.runtime import StopToken, io_retry
 _log = log.get("cache_updater.daemon")
 
 _ROW_OPS = frozenset({Op.INSERT, Op.UPDATE, Op.DELETE})
+OFFSET_COMMIT_TIMEOUT_MS = 5_000
 
 REDIS_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError,
@@ -175,6 +176,7 @@ class CacheDaemon:
         consumer_overrides: Mapping[str, Any] | None = None,
         replica_watch: ReplicaWatch | None = None,
         redis_retry_max_elapsed_s: float | None = None,
+        kafka_retry_max_elapsed_s: float | None = None,
     ) -> None:
         self.settings = settings
         self.stop = stop or StopToken()
@@ -182,14 +184,15 @@ class CacheDaemon:
         self.cache = RedisCache(connect(settings.redis))
         self._consumer_overrides = dict(consumer_overrides or {})
         self._parts: dict[TopicPartition, _PartState] = {}
-        self._producer: Any = None
         self._consumer: KafkaConsumer | None = None
         self._replica = replica_watch or self._default_replica_watch()
         self._replica_pos: dict[tuple[str, int], int] = {}
         self._replica_polled = 0.0
         self._replica_backoff_s = 0.05
         self._redis_retry_max_elapsed_s = redis_retry_max_elapsed_s
-        self._dlq_pending = False
+        self._dlq = dlq.DeadLetterSink(
+            settings.bootstrap, settings.dc, "cache", stop=self.stop, max_elapsed_s=kafka_retry_max_elapsed_s
+        )
         self._tables_memo: dict[tuple[str, str, str], tuple[TableCache, ...]] = {}
 
     # ---------------------------------------------------------------- wiring
@@ -297,8 +300,7 @@ class CacheDaemon:
             total.add(self._flush(force=True))
         finally:
             self._consumer.close(autocommit=False)
-            if self._producer is not None:
-                self._producer.close()
+            self._dlq.close()
         return total
 
     def _has_waiting(self) -> bool:
@@ -384,10 +386,8 @@ class CacheDaemon:
         return any(t.consistency == "after-replica" for t in self._tables_for(event))
 
     def _dead_letter(self, rec: Any, reason: str, detail: str) -> None:
-        if self._producer is None:
-            self._producer = dlq.make_producer(self.settings.bootstrap)
-        dlq.send_to_dlq(self._producer, self.settings.dc, rec, reason, detail, stage="cache")
-        self._dlq_pending = True
+        # Only queued: the local Kafka may be down now; _flush makes it durable before the commit.
+        self._dlq.park(rec, reason, detail)
         self.metrics.dlq.inc()
 
     # ---------------------------------------------------------------- flush + commit
@@ -436,9 +436,7 @@ class CacheDaemon:
                     if position is not None and position > commits.get(tp, -1):
                         commits[tp] = position
         result = self._apply(writes) if writes else ApplyResult()
-        if self._dlq_pending and self._producer is not None:
-            self._producer.flush()  # a dead letter is durable before we commit past its record
-            self._dlq_pending = False
+        self._dlq.flush()  # every dead letter durable before we commit past its record
         if commits:
             self._commit(commits)
         if max_ts:
@@ -473,7 +471,10 @@ class CacheDaemon:
         assert self._consumer is not None
         offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in commits.items()}
         try:
-            self._consumer.commit(offsets)
+            # Bounded: with the default (request_timeout_ms, 30 s) one commit begun while the local
+            # Kafka was down held the loop ~20 s after it came back.  A missed commit costs nothing:
+            # the next one covers it, and a redelivery meanwhile is a no-op for the guard.
+            self._consumer.commit(offsets, timeout_ms=OFFSET_COMMIT_TIMEOUT_MS)
         except (CommitFailedError, KafkaError) as exc:
             # A rebalance took the partitions: the next owner redelivers, the guard makes it a no-op.
             _log.warning("offset_commit_failed", error=repr(exc))

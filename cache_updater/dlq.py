@@ -25,11 +25,13 @@ it commits the offset past the poison record, so a crash never loses a dead lett
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 
 from wmb import log, topics
 
@@ -137,6 +139,92 @@ def send_to_dlq(
         value=record.value,
         headers=dlq_headers(record, reason, detail, stage),
     )
+
+
+class DeadLetterSink:
+    """Dead letters of one consumer, made durable with retries across a lost local Kafka.
+
+    :meth:`park` only queues (no I/O: the consumer's decode loop never blocks on, or fails because
+    of, a Kafka that is down); :meth:`flush` returns once Kafka acknowledged every queued record
+    (acks=all), and must run before the consumer commits past them.  A lost Kafka is retried with
+    backoff (``io_retry``, up to ``max_elapsed_s``; None = forever): a record the producer gave up
+    (its delivery timeout) is sent again on a new producer, where a bare ``producer.flush()`` would
+    return and let the commit skip the poison record for good.  Past the bound, or on a stop while
+    Kafka is unreachable: :class:`wmb.errors.GaveUpError`, nothing committed past the records.  A
+    record may so be parked twice (at-least-once), never lost.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str | Sequence[str],
+        dc: str,
+        stage: str,
+        *,
+        stop: Any = None,
+        max_elapsed_s: float | None = None,
+        flush_timeout_s: float = 30.0,
+        producer_factory: Any = None,
+    ) -> None:
+        self.bootstrap, self.dc, self.stage = bootstrap, dc, stage
+        self.stop = stop  # a wmb.runtime.StopToken
+        self.max_elapsed_s = max_elapsed_s
+        self.flush_timeout_s = flush_timeout_s
+        self._make = producer_factory or make_producer
+        self._producer: Any = None
+        self._pending: list[list[Any]] = []  # [record, reason, detail, future | None]
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def park(self, record: RawRecord, reason: str, detail: str = "") -> None:
+        self._pending.append([record, reason, detail, None])
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        from wmb.errors import GaveUpError
+        from wmb.runtime import io_retry
+
+        def on_retry(_state: Any) -> None:
+            self.close()  # its failed batches are gone; the next attempt opens a new producer
+            if self.stop is not None and self.stop.stopped:
+                raise GaveUpError("stopped while the local Kafka was unreachable; dead letters not written")
+
+        try:
+            for attempt in io_retry(
+                "dlq_produce",
+                retry_on=(KafkaError, OSError),
+                max_elapsed_s=self.max_elapsed_s,
+                initial_s=0.2,
+                max_backoff_s=5.0,
+                stop=self.stop,
+                on_retry=on_retry,
+            ):
+                with attempt:
+                    if self._producer is None:
+                        self._producer = self._make(self.bootstrap)
+                    for item in self._pending:
+                        future = item[3]
+                        # Not acknowledged: never sent, or sent on a producer closed since.
+                        if future is None or not (future.is_done and future.succeeded()):
+                            item[3] = send_to_dlq(
+                                self._producer, self.dc, item[0], item[1], item[2], stage=self.stage
+                            )
+                    self._producer.flush(timeout=self.flush_timeout_s)
+                    for item in self._pending:
+                        item[3].get(timeout=0)  # raises the send's error (e.g. its delivery timeout)
+        except (KafkaError, OSError) as exc:
+            raise GaveUpError(
+                f"local Kafka unreachable, {len(self._pending)} dead letter(s) not written: {exc!r}"
+            ) from exc
+        self._pending.clear()
+
+    def close(self) -> None:
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                self._producer.close(timeout=1)
+            self._producer = None
 
 
 @dataclass(frozen=True, slots=True)

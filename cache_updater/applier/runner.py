@@ -36,6 +36,7 @@ from wmb.runtime import StopToken, io_retry
 
 _log = log.get("wmb.apply")
 
+OFFSET_COMMIT_TIMEOUT_MS = 5_000  # group offsets are for monitoring only
 CRASH_ENV = "WMB_TEST_CRASH_AFTER_COMMIT"  # test hook: os._exit(137) right after the N-th commit
 
 TXNS = Counter("wmb_apply_transactions_total", "Source transactions applied to the replica", ["dc"])
@@ -381,7 +382,9 @@ class ApplyRunner:
         self._last_offset_commit = now
         offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in self._committed.items()}
         try:
-            self._consumer.commit(offsets)
+            # Bounded (default 30 s): a commit begun while the local Kafka is down must not hold
+            # the apply loop long after it is back; the next commit carries the same offsets.
+            self._consumer.commit(offsets, timeout_ms=OFFSET_COMMIT_TIMEOUT_MS)
             self._committed.clear()
         except KafkaError as exc:
             _log.warning("offset_commit_failed", error=str(exc))
