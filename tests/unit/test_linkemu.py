@@ -357,11 +357,18 @@ def test_cut_reset_resets_existing_and_new_until_heal(echo: EchoServer) -> None:
 
 
 def test_upstream_refused_resets_client() -> None:
-    free = socket.create_server(("127.0.0.1", 0))
-    dead_port = free.getsockname()[1]
-    free.close()  # nothing listens there now
-    with LinkEmulator("127.0.0.1", dead_port, delay_ms=1.0) as link, connect(link.port) as s:
-        assert sees_reset(s)
+    # Bound but never listening: connecting is refused, and no other process can take the port
+    # meanwhile (a closed free port could be reused by a server of a concurrent test run).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        dead_port = held.getsockname()[1]
+        with LinkEmulator("127.0.0.1", dead_port, delay_ms=1.0) as link:
+            try:
+                s = socket.create_connection(("127.0.0.1", link.port), timeout=5.0)
+            except ConnectionResetError:
+                return  # the reset came so fast that it failed the connect call itself
+            with s:
+                assert sees_reset(s)
 
 
 def test_half_close_delivers_then_closes(echo: EchoServer) -> None:
