@@ -67,15 +67,14 @@ def _image_to_json(image: Mapping[str, Any], columns: Mapping[str, str], what: s
     return out
 
 
-def envelope(event: ChangeEvent, *, copy_columns: bool = True) -> dict[str, Any]:
-    """The envelope as a JSON-able dict (what :func:`encode` serializes)."""
-    columns = event.columns
+def _doc(event: ChangeEvent, pk: Any, before: Any, after: Any, columns: Any) -> dict[str, Any]:
+    """The envelope's fields in their wire order, around images and columns already in JSON form."""
     pos = event.position
     txn = event.txn
     ver = event.version
     return {
         "v": event.v,
-        "id": event.id,
+        "id": f"{event.source}:{txn.id}:{txn.seq}",
         "origin": event.origin,
         "source": event.source,
         "server_id": event.server_id,
@@ -87,13 +86,25 @@ def envelope(event: ChangeEvent, *, copy_columns: bool = True) -> dict[str, Any]
         "op": event.op.value,
         "ts_ms": event.ts_ms,
         "txn": {"id": txn.id, "seq": txn.seq, "last": txn.last},
-        "pk": _image_to_json(event.pk, columns, "pk"),
-        "before": None if event.before is None else _image_to_json(event.before, columns, "before"),
-        "after": None if event.after is None else _image_to_json(event.after, columns, "after"),
+        "pk": pk,
+        "before": before,
+        "after": after,
         "version": [ver.epoch, ver.seq, ver.row],
-        "columns": dict(columns) if copy_columns else None,
+        "columns": columns,
         "ddl": event.ddl,
     }
+
+
+def envelope(event: ChangeEvent, *, copy_columns: bool = True) -> dict[str, Any]:
+    """The envelope as a JSON-able dict (what :func:`encode` serializes)."""
+    columns = event.columns
+    return _doc(
+        event,
+        _image_to_json(event.pk, columns, "pk"),
+        None if event.before is None else _image_to_json(event.before, columns, "before"),
+        None if event.after is None else _image_to_json(event.after, columns, "after"),
+        dict(columns) if copy_columns else None,
+    )
 
 
 def encode(event: ChangeEvent) -> bytes:
@@ -197,9 +208,6 @@ _PLAIN_OPTS = orjson.OPT_PASSTHROUGH_SUBCLASS  # str/int/dict subclasses go to t
 
 
 def _encode_tagged(event: ChangeEvent, columns: ColumnTags, columns_json: orjson.Fragment) -> bytes:
-    pos = event.position
-    txn = event.txn
-    ver = event.version
     pk, before, after = event.pk, event.before, event.after
     if columns._plain:
         keys = columns.keys()
@@ -209,27 +217,7 @@ def _encode_tagged(event: ChangeEvent, columns: ColumnTags, columns_json: orjson
             and (before is None or (type(before) is dict and keys >= before.keys()))
             and (after is None or (type(after) is dict and keys >= after.keys()))
         ):
-            doc = {
-                "v": event.v,
-                "id": f"{event.source}:{txn.id}:{txn.seq}",
-                "origin": event.origin,
-                "source": event.source,
-                "server_id": event.server_id,
-                "gtid": pos.gtid,
-                "file": pos.file,
-                "pos": pos.pos,
-                "db": event.database,
-                "table": event.table,
-                "op": event.op.value,
-                "ts_ms": event.ts_ms,
-                "txn": {"id": txn.id, "seq": txn.seq, "last": txn.last},
-                "pk": pk,
-                "before": before,
-                "after": after,
-                "version": [ver.epoch, ver.seq, ver.row],
-                "columns": columns_json,
-                "ddl": event.ddl,
-            }
+            doc = _doc(event, pk, before, after, columns_json)
             try:
                 return orjson.dumps(doc, default=_plain_default, option=_PLAIN_OPTS)
             except orjson.JSONEncodeError:

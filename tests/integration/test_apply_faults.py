@@ -42,7 +42,7 @@ def _schema(sim: SqlChangeSource, producer: KafkaProducer, topic: str, db: str) 
     produce(producer, topic, sim.txn([("insert", db, "ctr", {"id": i, "n": 0}) for i in range(10)]))
 
 
-def _txn_ops(db: str, i: int) -> list[tuple[Any, ...]]:
+def counter_txn_ops(db: str, i: int) -> list[tuple[Any, ...]]:
     """One source transaction: bump a counter (n = number of txns that touched it), log, trim."""
     ops: list[tuple[Any, ...]] = [
         ("update", db, "ctr", {"id": i % 10}, {"n": Raw("n+1")}),
@@ -55,7 +55,7 @@ def _txn_ops(db: str, i: int) -> list[tuple[Any, ...]]:
     return ops
 
 
-def _marker_count(replica: MariaDBServer) -> int:
+def marker_count(replica: MariaDBServer) -> int:
     # One marker row per worker under parallel apply: 'gz', 'gz#w1', ...
     rows = replica.query(
         "SELECT COALESCE(SUM(txn_count),0) FROM wmb.wmb_apply_marker "
@@ -93,7 +93,7 @@ def test_kill9_applier_under_load_exactly_once(
         )
     )
     settings = settings_for(source, mariadb_master, mariadb_replica, kafka_gz, parallel_workers=workers)
-    marker_before = _marker_count(mariadb_replica) if has_state(mariadb_replica) else 0
+    marker_before = marker_count(mariadb_replica) if has_state(mariadb_replica) else 0
 
     # Load: a producer thread keeps writing source transactions while the applier is killed.
     n_txns = 1200
@@ -101,7 +101,7 @@ def test_kill9_applier_under_load_exactly_once(
 
     def load() -> None:
         for i in range(n_txns):
-            produce(producer, topic, sim.txn(_txn_ops(db, i)))
+            produce(producer, topic, sim.txn(counter_txn_ops(db, i)))
             if i % 50 == 0:
                 producer.flush()
         producer.flush()
@@ -153,12 +153,12 @@ def test_kill9_applier_under_load_exactly_once(
     wait_until(done.is_set, timeout_s=300, what="load finished")
     for _ in range(3):
         for i in range(n_txns, n_txns + 60):
-            produce(producer, topic, sim.txn(_txn_ops(db, i)))
+            produce(producer, topic, sim.txn(counter_txn_ops(db, i)))
         producer.flush()
         n_txns += 60
         proc = applier(None)
-        target = _marker_count(mariadb_replica) + rnd.randint(3, 30)
-        wait_until(lambda t=target: _marker_count(mariadb_replica) > t, what="applier progress")
+        target = marker_count(mariadb_replica) + rnd.randint(3, 30)
+        wait_until(lambda t=target: marker_count(mariadb_replica) > t, what="applier progress")
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         kills += 1
@@ -167,7 +167,7 @@ def test_kill9_applier_under_load_exactly_once(
     port = free_port()
     proc = applier(None, "--metrics-port", str(port))
     # One more transaction, so the clean run applies something even if a killed run had caught up.
-    produce(producer, topic, sim.txn(_txn_ops(db, n_txns)))
+    produce(producer, topic, sim.txn(counter_txn_ops(db, n_txns)))
     producer.flush()
     n_txns += 1
     wait_until(lambda: caught_up(mariadb_replica, settings, kafka_gz), timeout_s=300, what="caught up")
@@ -180,7 +180,7 @@ def test_kill9_applier_under_load_exactly_once(
     assert proc.wait(60) == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
 
     # No source transaction applied twice (nor lost): the marker counts each one exactly once.
-    assert _marker_count(mariadb_replica) - marker_before == n_txns + 1  # + the ctr seed txn
+    assert marker_count(mariadb_replica) - marker_before == n_txns + 1  # + the ctr seed txn
     report = verify_replica(settings.master, settings.replica, [f"{db}.*"])  # type: ignore[arg-type]
     assert report.ok, format_report(report)
     assert mariadb_replica.query(f"SELECT SUM(n) FROM {db}.ctr") == [(n_txns,)]
@@ -215,7 +215,7 @@ def test_kill9_replica_under_load(
     n_txns = 800
     kills = 0
     for i in range(n_txns):
-        produce(producer, topic, sim.txn(_txn_ops(db, i)))
+        produce(producer, topic, sim.txn(counter_txn_ops(db, i)))
         if i in (250, 550):
             producer.flush()
             # the previous kill was noticed (and healed) before the next one
@@ -235,7 +235,7 @@ def test_kill9_replica_under_load(
     # counted one); what must hold whatever the timing: every source transaction applied exactly
     # once, and the replica equal to the master.
     assert running.runner.status.recoveries >= 1
-    assert _marker_count(replica) == n_txns + 1
+    assert marker_count(replica) == n_txns + 1
     report = verify_replica(settings.master, settings.replica, [f"{db}.*"])  # type: ignore[arg-type]
     assert report.ok, format_report(report)
     sim.close()

@@ -35,6 +35,7 @@ from wmb.servers import KafkaServer, MariaDBServer, RedisServer, free_port
 from wmb.topology import load_topology
 
 from .test_apply import caught_up, conn_of, fresh, has_state, settings_for
+from .test_apply_faults import counter_txn_ops, marker_count
 from .test_cache_e2e import group_caught_up
 
 pytestmark = pytest.mark.integration
@@ -287,27 +288,6 @@ def test_cache_daemon_rides_out_local_kafka_kill9_under_load(
 # --------------------------------------------------------------------------- replica applier
 
 
-def _apply_ops(db: str, i: int) -> list[tuple[Any, ...]]:
-    """One source transaction: bump a counter (n = transactions that touched it), log, trim."""
-    ops: list[tuple[Any, ...]] = [
-        ("update", db, "ctr", {"id": i % 10}, {"n": Raw("n+1")}),
-        ("insert", db, "evlog", {"id": i, "k": f"k{i}", "ctr": i % 10, "v": os.urandom(16)}),
-    ]
-    if i >= 20 and i % 2 == 0:
-        ops.append(("delete", db, "evlog", {"id": i - 20}))
-    if i % 7 == 0:
-        ops.append(("update", db, "evlog", {"id": i}, {"k": f"r{i}"}))
-    return ops
-
-
-def _marker_count(replica: MariaDBServer) -> int:
-    rows = replica.query(
-        "SELECT COALESCE(SUM(txn_count),0) FROM wmb.wmb_apply_marker "
-        "WHERE applier='gz' OR applier LIKE 'gz#w%'"
-    )
-    return int(rows[0][0])
-
-
 @pytest.mark.parametrize("workers", [0, 4], ids=["serial", "parallel4"])
 def test_applier_rides_out_local_kafka_kill9_under_load_exactly_once(
     server_factory: Any,
@@ -348,11 +328,11 @@ def test_applier_rides_out_local_kafka_kill9_under_load_exactly_once(
         )
     )
     settings = settings_for(source, mariadb_master, mariadb_replica, kafka, parallel_workers=workers)
-    marker_before = _marker_count(mariadb_replica) if has_state(mariadb_replica) else 0
+    marker_before = marker_count(mariadb_replica) if has_state(mariadb_replica) else 0
 
     port, log_path = free_port(), tmp_path / "apply.log"
     proc = _spawn("apply", topo, port, log_path)
-    loader = Loader(sim, producer, topic, lambda i: _apply_ops(db, i), lambda _ev: 0)
+    loader = Loader(sim, producer, topic, lambda i: counter_txn_ops(db, i), lambda _ev: 0)
     try:
         wait_until(lambda: _counter(port, "txns") >= 1, timeout_s=60, what="applier up")
         loader.start()
@@ -381,7 +361,7 @@ def test_applier_rides_out_local_kafka_kill9_under_load_exactly_once(
         producer.close()
 
     # Every source transaction applied exactly once (+ the ctr seed), and the replica equal to the master.
-    assert _marker_count(mariadb_replica) - marker_before == n_txns + 1
+    assert marker_count(mariadb_replica) - marker_before == n_txns + 1
     report = verify_replica(settings.master, settings.replica, [f"{db}.*"])  # type: ignore[arg-type]
     assert report.ok, format_report(report)
     assert mariadb_replica.query(f"SELECT SUM(n) FROM {db}.ctr") == [(n_txns,)]
