@@ -283,7 +283,12 @@ class _Direction:
     def _send_eof(self) -> None:
         t = self.dst.transport
         if t is not None and not t.is_closing() and t.can_write_eof():
-            t.write_eof()
+            try:
+                t.write_eof()
+            except OSError:
+                # The peer is already gone (ENOTCONN): nothing to half-close; the connection
+                # closes through maybe_close() like any other end.
+                t.abort()
 
 
 class _TokenBucket:
