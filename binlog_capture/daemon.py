@@ -339,7 +339,10 @@ class CaptureDaemon:
             only_schemas=self.builder.filter.only_schemas(),
             table_filter=self.builder.filter,
         )
-        self._halt = threading.Event()
+        self._spawn_reader_thread()
+
+    def _spawn_reader_thread(self) -> None:
+        self._halt = threading.Event()  # this reader's own: a replaced reader keeps its (set) one
         self._reader_thread = threading.Thread(
             target=self._read_loop, args=(self._halt,), name="binlog-reader", daemon=True
         )
@@ -426,11 +429,7 @@ class CaptureDaemon:
         """
         self.builder.partitions = self.sink.partitions
         self._reader = reader
-        self._halt = threading.Event()
-        self._reader_thread = threading.Thread(
-            target=self._read_loop, args=(self._halt,), name="binlog-reader", daemon=True
-        )
-        self._reader_thread.start()
+        self._spawn_reader_thread()
         try:
             self._loop()
         finally:
