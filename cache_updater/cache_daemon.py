@@ -68,6 +68,9 @@ class CacheMetrics:
         self.registry = registry or CollectorRegistry()
         r, lbl = self.registry, ["dc"]
         self.events = Counter("wmb_cache_events", "Change records consumed", lbl, registry=r).labels(dc)
+        self.consumer_replaced = Counter(
+            "wmb_cache_consumer_replaced", "Consumers replaced: no partition owned too long", lbl, registry=r
+        ).labels(dc)
         self.redis_ops = Counter("wmb_cache_redis_ops", "Guarded Redis writes sent", lbl, registry=r).labels(
             dc
         )
@@ -264,7 +267,7 @@ class CacheDaemon:
         self.cache.load()
         self._consumer = self._make_consumer()
         idle = 0
-        last_flush = time.monotonic()
+        last_flush = unassigned_since = time.monotonic()
         try:
             while not self.stop.stopped:
                 batch = self._consumer.poll(timeout_ms=100, max_records=self.settings.batch_max_events)
@@ -278,7 +281,13 @@ class CacheDaemon:
                     for rec in records:  # decode + plan of a whole poll batch, in one tight loop
                         take(st, rec)
                 # Idle polls count only once we own partitions (a group join also polls empty).
-                idle = 0 if batch or not self._consumer.assignment() else idle + 1
+                assigned = bool(self._consumer.assignment())
+                idle = 0 if batch or not assigned else idle + 1
+                if assigned:
+                    unassigned_since = time.monotonic()
+                elif time.monotonic() - unassigned_since > self.settings.assignment_timeout_s:
+                    self._replace_consumer(time.monotonic() - unassigned_since)
+                    unassigned_since = time.monotonic()
                 for tp, st in self._parts.items():
                     if st.open is not None and tp not in batch:
                         # Nothing more of this partition is readable now.  read_committed shows a
@@ -302,6 +311,18 @@ class CacheDaemon:
             self._consumer.close(autocommit=False)
             self._dlq.close()
         return total
+
+    def _replace_consumer(self, waited_s: float) -> None:
+        """The consumer owns no partition after ``assignment_timeout_s``: start over with a new one
+        (it joins afresh; nothing of the old one is pending, since it owned nothing)."""
+        group, waited = self.settings.consumer_group, round(waited_s, 1)
+        _log.warning("no_partitions_assigned_new_consumer", group=group, waited_s=waited)
+        self.metrics.consumer_replaced.inc()
+        assert self._consumer is not None
+        with contextlib.suppress(Exception):
+            self._consumer.close(autocommit=False)
+        self._parts.clear()
+        self._consumer = self._make_consumer()
 
     def _has_waiting(self) -> bool:
         return any(p.ready for p in self._parts.values())

@@ -74,6 +74,10 @@ class CacheSettings:
     batch_max_events: int = 5000
     flush_interval_s: float = 0.05
     metrics_port: int | None = None
+    # A consumer that owns no partition this long is replaced by a new one.  A join legitimately
+    # waits up to the session timeout (45 s) for a killed member's partitions, so this stays above
+    # twice that.  Seen in CI: kafka-python 3.0.12 can stay "coordinator unknown" for good.
+    assignment_timeout_s: float = 120.0
 
     @property
     def consumer_group(self) -> str:

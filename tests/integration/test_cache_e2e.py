@@ -402,3 +402,39 @@ def test_redis_killed_and_restarted_empty_under_load(
     # Rows untouched since the restart are simply missing (a miss is fine); none may be stale.
     report = _check(redis_server, mariadb_master, settings, strict=False)
     assert report.ok and report.checked_keys > 0, report.as_json()["diffs"][:5]
+
+
+def test_a_consumer_left_without_partitions_is_replaced(
+    kafka_gz: KafkaServer, redis_gz: RedisServer, names: tuple[str, str, str]
+) -> None:
+    """A consumer that owns nothing past ``assignment_timeout_s`` is replaced by a fresh one (CI saw
+    kafka-python stay "coordinator unknown" for good).  Here another member of the group holds the
+    topic's only partition, so the daemon's consumer legitimately owns nothing, and must be replaced
+    again and again without losing its way: once the other member leaves, the daemon takes over."""
+    _, db, topic = names
+    kafka_gz.create_topic(topic, partitions=1)
+    settings = settings_for(kafka_gz, redis_gz, topic, db, assignment_timeout_s=2.0)
+    holder = KafkaConsumer(bootstrap_servers=kafka_gz.bootstrap, group_id=settings.consumer_group)
+    holder.subscribe([topic])
+    deadline = time.monotonic() + 60
+    while not holder.assignment():
+        assert time.monotonic() < deadline, "the holder never got the partition"
+        holder.poll(timeout_ms=200)
+    stop = StopToken()
+    daemon = CacheDaemon(settings, stop=stop)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while daemon.metrics.consumer_replaced._value.get() < 2:
+            assert time.monotonic() < deadline and thread.is_alive(), "no consumer was replaced"
+            holder.poll(timeout_ms=200)  # keep the holder's membership alive
+        holder.close()
+        deadline = time.monotonic() + 90
+        while not (daemon._consumer is not None and daemon._consumer.assignment()):
+            assert time.monotonic() < deadline and thread.is_alive(), "the daemon never took over"
+            time.sleep(0.2)
+    finally:
+        stop.stop("test")
+        thread.join(30)
+    assert not thread.is_alive()
