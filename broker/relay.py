@@ -286,7 +286,12 @@ class SourceMonitor:
         if not fresh:
             return
         try:
-            consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in fresh.items()})
+            # Bounded: kafka-python's commit waits for a coordinator without limit, and a stuck one
+            # would stall the probe, which the relay would then read as a link down.
+            consumer.commit(
+                {tp: OffsetAndMetadata(off, "", -1) for tp, off in fresh.items()},
+                timeout_ms=self._settings.probe_timeout_ms,
+            )
             self._committed.update(fresh)
         except kerr.KafkaError as exc:  # monitoring only: the checkpoint in the local cluster is the truth
             self._log.debug("group_commit_failed", error=repr(exc))
