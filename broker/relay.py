@@ -455,9 +455,7 @@ class Relay:
         """
         s = self.settings
         with _local_io("open local producer"):
-            if self._producer is not None:
-                _stop_producer(self._producer, self._log)
-                self._producer = None
+            self._abort_quietly()
             if self._admin is None:
                 self._admin = KafkaAdminClient(
                     bootstrap_servers=s.dst_bootstrap, client_id=_client_id(s, "admin")
