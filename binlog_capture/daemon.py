@@ -1,21 +1,24 @@
 """The capture daemon: binlog (complete transactions) -> Kafka transactions with their checkpoint.
 
 Threads: a *reader* thread owns the binlog stream, builds and encodes the events of each complete
-source transaction and hands them through a bounded queue; the main thread only produces them and
-commits a Kafka transaction every ``commit_interval_ms`` or ``commit_max_events`` (whichever first)
-*between* source transactions, with the checkpoint of the last one in the same Kafka transaction; a
-heartbeat thread upserts the heartbeat row.  A source transaction is never split: a 10k-row one
-rides in one Kafka transaction.
+source transaction and hands them through a queue bounded in events; the main thread only ships
+them to the transactional producer and commits a Kafka transaction every ``commit_interval_ms`` or
+``commit_max_events`` (whichever first) *between* source transactions, with the checkpoint of the
+last one in the same Kafka transaction; a heartbeat thread upserts the heartbeat row.  A source
+transaction is never split: a 10k-row one rides in one Kafka transaction.  The producer itself
+runs in a child process (:mod:`binlog_capture.producer_host`): in this one, its per-message
+delivery reports would wait for the reader's GIL.
 
 Why the work sits on the reader side: a commit blocks the main thread for a broker round trip or
-two (~5-15 ms) with the GIL released, so every CPU step (decode, build, encode) belongs to the
+two (~10-50 ms) with the GIL released, so every CPU step (decode, build, encode) belongs to the
 thread that keeps running meanwhile.  ``commit_interval_ms`` is a latency bound, not a rate: when
 the interval is up, whatever is already waiting in the queue rides along in the same commit.
 """
 
 from __future__ import annotations
 
-import queue
+import collections
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -88,7 +91,77 @@ class _Prepared:
     nbytes: int
 
 
-_QueueItem = _Prepared | _ReaderFailed | _StreamEnded | None
+_QueueItem = _Prepared | _ReaderFailed | _StreamEnded
+
+# What the reader may have decoded ahead of the producer, in events.  A commit holds the main
+# thread for ~10-60 ms; the reader must be able to run on meanwhile.  (A bound of 512 transactions
+# stalled the reader on one-row transactions, and allowed 256k events on 500-row ones.)
+_QUEUE_MAX_EVENTS = 50_000
+
+
+class _EventQueue:
+    """The FIFO from the reader thread to the main thread, bounded by the events it holds.
+
+    One transaction larger than the bound still passes when the queue is empty (a 10k-row
+    transaction must never wait for room that cannot come)."""
+
+    def __init__(self, max_events: int) -> None:
+        self._items: collections.deque[tuple[_QueueItem, int]] = collections.deque()
+        self._events = 0
+        self._max_events = max_events
+        self._cond = threading.Condition()
+
+    def put(self, item: _QueueItem, timeout_s: float) -> bool:
+        """Append ``item``; False if there was no room within ``timeout_s``."""
+        weight = max(1, len(item.msgs)) if isinstance(item, _Prepared) else 1
+        with self._cond:
+            if not self._cond.wait_for(self._has_room, timeout_s):
+                return False
+            self._items.append((item, weight))
+            self._events += weight
+            self._cond.notify_all()
+            return True
+
+    def get_all(self, timeout_s: float) -> list[_QueueItem]:
+        """Everything queued, oldest first; waits up to ``timeout_s`` for the first item (an empty
+        list if none came).  One wake-up per batch, not per transaction: on one-row transactions
+        a wake-up per item cost the reader a GIL hand-over each."""
+        with self._cond:
+            if not self._items and (timeout_s <= 0 or not self._cond.wait_for(self._not_empty, timeout_s)):
+                return []
+            items = [item for item, _ in self._items]
+            self._items.clear()
+            self._events = 0
+            self._cond.notify_all()
+            return items
+
+    def clear(self) -> None:
+        with self._cond:
+            self._items.clear()
+            self._events = 0
+            self._cond.notify_all()
+
+    def _has_room(self) -> bool:
+        return self._events < self._max_events or not self._items
+
+    def _not_empty(self) -> bool:
+        return bool(self._items)
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector rarer: the capture allocates millions of short-lived,
+    acyclic objects (rows, events, encoded messages), and with CPython's default thresholds the
+    reader thread spent ~15% of its time in collections that find nothing (measured with
+    bench/bench_capture.py).  Reference counting frees them all the same.  ``gc.freeze()`` moves
+    what start-up built (modules, settings, table maps) out of the collector's sight for good."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
+
+
+# gen0 every 10k container allocations instead of 700; the older generations as often as before
+# relative to it.
+_GC_THRESHOLDS = (10_000, 10, 10)
 
 
 class CaptureDaemon:
@@ -127,7 +200,7 @@ class CaptureDaemon:
             call_timeout_s=settings.kafka_call_timeout_s,
             transaction_timeout_ms=settings.kafka_transaction_timeout_ms,
         )
-        self._queue: queue.Queue[_QueueItem] = queue.Queue(maxsize=512)
+        self._queue = _EventQueue(_QUEUE_MAX_EVENTS)
         self._reader: TxnReader | None = None
         self._reader_thread: threading.Thread | None = None
         self._halt = threading.Event()  # set to retire the current reader thread
@@ -215,6 +288,7 @@ class CaptureDaemon:
                 self.stop,
             ).start()
             initial = self.last_checkpoint
+            tune_gc()
             while True:
                 self._start_reader(start)
                 self.started.set()
@@ -316,11 +390,7 @@ class CaptureDaemon:
             thread.join(timeout=30)
             if thread.is_alive():
                 raise WmbError("the binlog reader thread did not stop within 30 s")
-        while True:  # what the retired reader had queued belongs to the lost transaction
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        self._queue.clear()  # what the retired reader had queued belongs to the lost transaction
 
     def _checkpoint_start(self, cp: Checkpoint) -> StartPoint:
         if cp.gtid_state:
@@ -413,12 +483,10 @@ class CaptureDaemon:
         while True:
             if halt.is_set():
                 return False  # this reader was replaced: its items must not reach the new sink
-            try:
-                self._queue.put(item, timeout=0.2)
+            if self._queue.put(item, 0.2):
                 return True
-            except queue.Full:
-                if self._halted(halt):
-                    return False
+            if self._halted(halt):
+                return False
 
     # -- producer loop ---------------------------------------------------------------------------
     def pipe(self, reader: TxnReader) -> None:
@@ -429,6 +497,7 @@ class CaptureDaemon:
         """
         self.builder.partitions = self.sink.partitions
         self._reader = reader
+        tune_gc()
         self._spawn_reader_thread()
         try:
             self._loop()
@@ -440,8 +509,8 @@ class CaptureDaemon:
         interval_s = s.commit_interval_ms / 1000.0
         max_events = s.commit_max_events
         sink = self.sink
-        send = sink.send
-        get, get_nowait = self._queue.get, self._queue.get_nowait
+        send_many = sink.send_many
+        get_all = self._queue.get_all
         batch_started = 0.0
         pending_events = pending_txns = pending_bytes = 0
         last_txn: SourceTxn | None = None
@@ -452,14 +521,9 @@ class CaptureDaemon:
                 if self.stop.stopped:
                     break
                 wait = batch_started + interval_s - time.monotonic() if sink.in_transaction else 0.2
-                item: _QueueItem
-                try:
-                    item = get(timeout=wait) if wait > 0 else get_nowait()
-                except queue.Empty:
-                    item = None
-                # Latency bound reached: take what is already waiting into the same commit (one
-                # ~10 ms commit per 10 ms would otherwise halve the throughput under a backlog).
-                while item is not None:
+                # Whatever is waiting rides in the open transaction: under a backlog one ~10-50 ms
+                # commit per 10 ms of events would otherwise cap the throughput.
+                for item in get_all(wait):
                     if isinstance(item, _ReaderFailed):
                         raise item.exc
                     if isinstance(item, _StreamEnded):
@@ -470,24 +534,16 @@ class CaptureDaemon:
                         if not sink.in_transaction:
                             sink.begin()
                             batch_started = time.monotonic()
-                        for value, key, part, headers in item.msgs:
-                            send(value, key, part, headers)
+                        send_many(item.msgs)
                         pending_events += len(item.msgs)
                         pending_bytes += item.nbytes
                         pending_txns += 1
-                    last_txn = txn
-                    uncommitted = txn
-                    if not sink.in_transaction or pending_events >= max_events:
-                        break
-                    if time.monotonic() - batch_started < interval_s:
-                        break
-                    try:
-                        item = get_nowait()
-                    except queue.Empty:
-                        item = None
-                if sink.in_transaction and (
-                    pending_events >= max_events or time.monotonic() - batch_started >= interval_s
-                ):
+                    last_txn = uncommitted = txn
+                    if sink.in_transaction and pending_events >= max_events:
+                        self._commit(txn, pending_events, pending_txns, pending_bytes)
+                        pending_events = pending_txns = pending_bytes = 0
+                        uncommitted = None
+                if sink.in_transaction and time.monotonic() - batch_started >= interval_s:
                     assert last_txn is not None
                     self._commit(last_txn, pending_events, pending_txns, pending_bytes)
                     pending_events = pending_txns = pending_bytes = 0

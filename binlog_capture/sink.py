@@ -11,7 +11,10 @@ The transactional producer is librdkafka's (``confluent-kafka``), not kafka-pyth
 spends ~40-200 us of Python (GIL) time per ``send()`` building record batches and waking its sender
 thread, which alone capped the capture at ~0.2-0.3x of the bare binlog library; librdkafka's
 ``produce()`` is a ~1-2 us C call, and batching, compression, the network and the commit wait all
-run outside the GIL.  Admin and the checkpoint read stay on kafka-python (cold paths).
+run outside the GIL.  It runs in a child process (:mod:`binlog_capture.producer_host`) by default:
+in-process, its per-message delivery callbacks wait for the busy reader thread's GIL and stretch a
+commit from ~10 ms to most of a second.  Admin and the checkpoint read stay on kafka-python (cold
+paths).
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import orjson
 from confluent_kafka import KafkaError as CKafkaError
 from confluent_kafka import KafkaException as CKafkaException
 from confluent_kafka import Producer
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka import errors as kerr
 from kafka.admin import NewTopic
 from kafka.partitioner.default import murmur2
 
+from binlog_capture.producer_host import Message, RemoteProducer
 from wmb import log
 from wmb.errors import FencedError, WmbError
 
@@ -93,6 +97,7 @@ class KafkaTxnSink:
         compression: str = "zstd",
         call_timeout_s: float = 60.0,
         transaction_timeout_ms: int = 600_000,
+        producer_process: bool = True,
     ) -> None:
         self.bootstrap = bootstrap
         self.call_timeout_s = call_timeout_s  # one transactional call (init/commit/abort) at most
@@ -103,7 +108,8 @@ class KafkaTxnSink:
         self.partitions = partitions
         self.source = source
         self.compression = compression
-        self._producer: KafkaProducer | None = None
+        self.producer_process = producer_process
+        self._producer: Producer | RemoteProducer | None = None
         self._in_txn = False
         self._partition_cache: dict[bytes, int] = {}
 
@@ -154,32 +160,32 @@ class KafkaTxnSink:
     def start(self) -> None:
         """Create the producer and claim the transactional.id (fencing any older instance)."""
         self.close()
-        self._producer = Producer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "client.id": self.transactional_id,
-                "transactional.id": self.transactional_id,
-                "enable.idempotence": True,
-                "acks": "all",
-                # The topic crosses the WAN later and the relay ships these stored batches as they
-                # are, so this codec is the WAN's; librdkafka compresses off the GIL.
-                "compression.type": self.compression,
-                # Whole Kafka transactions are flushed at commit anyway; linger only shapes the
-                # batches sent while a transaction is still filling.
-                "linger.ms": 5,
-                "batch.size": 1024 * 1024,
-                "message.max.bytes": 16 * 1024 * 1024,
-                "queue.buffering.max.messages": 1_000_000,
-                "queue.buffering.max.kbytes": 1024 * 1024,
-                # A delivery that fails fails the commit (and the daemon recovers); the broker's
-                # transaction timeout stays far above it, see CaptureSettings.
-                "transaction.timeout.ms": self.transaction_timeout_ms,
-                "message.timeout.ms": max(1000, int(self.call_timeout_s * 1000)),
-                "log_level": 4,  # warnings and worse on stderr
-            }
-        )
+        conf = {
+            "bootstrap.servers": self.bootstrap,
+            "client.id": self.transactional_id,
+            "transactional.id": self.transactional_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            # The topic crosses the WAN later and the relay ships these stored batches as they
+            # are, so this codec is the WAN's; librdkafka compresses off the GIL.
+            "compression.type": self.compression,
+            # Whole Kafka transactions are flushed at commit anyway; linger only shapes the
+            # batches sent while a transaction is still filling.
+            "linger.ms": 5,
+            "batch.size": 1024 * 1024,
+            "message.max.bytes": 16 * 1024 * 1024,
+            "queue.buffering.max.messages": 1_000_000,
+            "queue.buffering.max.kbytes": 1024 * 1024,
+            # A delivery that fails fails the commit (and the daemon recovers); the broker's
+            # transaction timeout stays far above it, see CaptureSettings.
+            "transaction.timeout.ms": self.transaction_timeout_ms,
+            "message.timeout.ms": max(1000, int(self.call_timeout_s * 1000)),
+            "log_level": 4,  # warnings and worse on stderr
+        }
+        self._producer = RemoteProducer(conf) if self.producer_process else Producer(conf)
         self._call(self._producer.init_transactions, self.call_timeout_s)
-        _log.info("transactions_initialized", transactional_id=self.transactional_id)
+        pid = self._producer.pid if isinstance(self._producer, RemoteProducer) else None
+        _log.info("transactions_initialized", transactional_id=self.transactional_id, producer_pid=pid)
 
     def read_checkpoint(self, timeout_s: float = 30.0) -> Checkpoint | None:
         """The last committed checkpoint record (read_committed), or None if there is none."""
@@ -251,13 +257,26 @@ class KafkaTxnSink:
         assert producer is not None
         part = -1 if partition is None else partition  # -1: librdkafka's partitioner
         try:
-            producer.produce(self.changes_topic, value, key, part, headers=headers)
+            # (confluent-kafka's stub wants a list of (str, str | bytes | None): same at run time)
+            producer.produce(self.changes_topic, value, key, part, headers=headers)  # type: ignore[arg-type]
         except BufferError:
             # The local queue is full: let librdkafka drain it (off the GIL) and try once more.
             producer.poll(0.5)
             self._call(producer.produce, self.changes_topic, value, key, part, headers=headers)
         except CKafkaException as exc:
             self._raise(exc)
+
+    def send_many(self, messages: Sequence[Message]) -> None:
+        """Queue the messages ``(value, key, partition, headers)`` of the open transaction.
+
+        To the producer process the list goes as it is (one pickle per batch, no loop here)."""
+        producer = self._producer
+        if isinstance(producer, RemoteProducer):
+            producer.produce_many(self.changes_topic, messages)
+            return
+        send = self.send
+        for value, key, part, headers in messages:
+            send(value, key, part, headers)
 
     def commit(self, checkpoint: Checkpoint) -> float:
         """Write ``checkpoint`` and commit the transaction; returns the commit latency in seconds.
@@ -293,7 +312,7 @@ class KafkaTxnSink:
                 producer.purge()  # queued messages of an uncommitted transaction must not linger
                 producer.flush(timeout_s)
                 producer.close()
-            except (CKafkaException, RuntimeError) as exc:
+            except (CKafkaException, kerr.KafkaError, RuntimeError) as exc:
                 _log.warning("producer_close_failed", error=repr(exc))
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:

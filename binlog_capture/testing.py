@@ -142,3 +142,18 @@ def wait_log(
             )
         time.sleep(0.1)
     raise TimeoutError(f"{needle!r} not in {path} after {timeout_s}s")
+
+
+def producer_processes(parent_pid: int) -> list[int]:
+    """PIDs of the producer processes (:mod:`binlog_capture.producer_host`) started by ``parent_pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if len(argv) >= 4 and argv[1].endswith(b"producer_host.py") and argv[3] == str(parent_pid).encode():
+            found.append(int(entry.name))
+    return found

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from binlog_capture.testing import read_events, settings_for, spawn, wait_log
+from binlog_capture.testing import producer_processes, read_events, settings_for, spawn, wait_log
 from wmb.errors import ExitCode
 from wmb.event import ChangeEvent, Op
 
@@ -222,9 +222,11 @@ def test_kill_minus_9_keeps_every_transaction_exactly_once(
         rng = random.Random(11)
         for _ in range(5):
             time.sleep(rng.uniform(0.3, 2.0))
+            producers = producer_processes(proc.pid)
             proc.kill()
             proc.wait()
             kills += 1
+            _assert_gone(producers)
             proc = spawn(settings, tmp_path)
             time.sleep(rng.uniform(0.0, 0.5))  # sometimes during start-up
         load.halt.set()
@@ -246,6 +248,14 @@ def test_kill_minus_9_keeps_every_transaction_exactly_once(
     assert kills >= 6 and killed_inside_big >= 1, (kills, killed_inside_big)
     master_rows = mariadb_master.query(f"SELECT COUNT(*) FROM {db}.t")[0][0] + 10_000
     _assert_exactly_once(events, final, master_rows)
+
+
+def _assert_gone(pids: list[int], timeout_s: float = 10.0) -> None:
+    """The producer process of a killed capture must die with it (PR_SET_PDEATHSIG)."""
+    deadline = time.monotonic() + timeout_s
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        assert time.monotonic() < deadline, f"producer process(es) {pids} outlived their capture"
+        time.sleep(0.05)
 
 
 def _assert_exactly_once(
@@ -323,5 +333,58 @@ def test_local_kafka_outage_recovers_in_process_exactly_once(
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             assert _finish(proc, 30) == 0, log.read_text()[-3000:]
+    master_rows = mariadb_master.query(f"SELECT COUNT(*) FROM {db}.t")[0][0]
+    _assert_exactly_once(events, final, master_rows)
+
+
+def test_producer_process_killed_recovers_exactly_once(
+    mariadb_master: Any, kafka_bj: Any, tmp_path: Path
+) -> None:
+    """kill -9 of the capture's producer process (the child that hosts the Kafka producer) under
+    load: the daemon must start a new one and resume after the committed checkpoint in process,
+    losing or repeating nothing."""
+    db, source = _name("pkill"), _name("pkill")
+    mariadb_master.execute(f"CREATE DATABASE {db}")
+    mariadb_master.execute(f"CREATE TABLE {db}.t (id INT PRIMARY KEY, v VARCHAR(64))")
+    settings = settings_for(mariadb_master, kafka_bj, source, include=(f"{db}.*",), partitions=2)
+    log = tmp_path / "capture.log"
+    proc = spawn(settings, tmp_path, "--from-now")
+    wait_log(log, "binlog_stream_open", proc=proc)
+    load = _Load(mariadb_master, db)
+    load.start()
+    try:
+        read_events(kafka_bj.bootstrap, source, until=lambda evs: len(evs) > 200, timeout_s=120)
+        for kill in range(3):
+            producers = producer_processes(proc.pid)
+            assert len(producers) == 1, producers
+            subprocess.run(["kill", "-9", str(producers[0])], check=True)
+            deadline = time.monotonic() + 120
+            while log.read_text().count("local_kafka_recovered") < kill + 1:
+                assert proc.poll() is None, f"capture exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no recovery {kill + 1}:\n{log.read_text()[-3000:]}"
+                time.sleep(0.1)
+            assert producer_processes(proc.pid) not in ([], producers)
+            seen = len(read_events(kafka_bj.bootstrap, source, timeout_s=120))
+
+            def flowing(evs: list[tuple[int, ChangeEvent]], seen: int = seen) -> bool:
+                return len(evs) > seen + 100
+
+            read_events(kafka_bj.bootstrap, source, until=flowing, timeout_s=120)
+        load.halt.set()
+        load.join(30)
+        final = dict(load.committed)
+        events = read_events(
+            kafka_bj.bootstrap,
+            source,
+            until=lambda evs: sum(e.op is Op.INSERT for _, e in evs) >= sum(final.values()),
+            timeout_s=240,
+        )
+        assert proc.poll() is None, f"capture exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+    finally:
+        load.halt.set()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            assert _finish(proc, 30) == 0, log.read_text()[-3000:]
+    assert "producer process lost" in log.read_text()
     master_rows = mariadb_master.query(f"SELECT COUNT(*) FROM {db}.t")[0][0]
     _assert_exactly_once(events, final, master_rows)
