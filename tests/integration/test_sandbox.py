@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,11 @@ def test_make_demo_then_status_lag_and_down(tmp_path: Path) -> None:
         lag = _wmb(state_dir, "lag", "--json", "--topology", str(state_dir / "topology.yaml"))
         hops = {h["hop"]: h for h in json.loads(lag.stdout)["hops"]}
         assert set(hops) == {"capture:main", "relay:bj->gz", "cache:gz", "apply:gz"}, lag.stdout
+        if lag.returncode == 2 and all(h["status"] in ("OK", "WARN", "STALL") for h in hops.values()):
+            # STALL compares positions 1 s apart; on a loaded CI machine the relay has been seen
+            # to ship nothing for ~1.7 s while heartbeats arrived.  A real stall persists.
+            time.sleep(2.0)
+            lag = _wmb(state_dir, "lag", "--json", "--topology", str(state_dir / "topology.yaml"))
         assert lag.returncode in (0, 1), lag.stdout
     finally:
         down = _wmb(state_dir, "sandbox", "down")
