@@ -543,7 +543,11 @@ class CaptureDaemon:
                         self._commit(txn, pending_events, pending_txns, pending_bytes)
                         pending_events = pending_txns = pending_bytes = 0
                         uncommitted = None
-                if sink.in_transaction and time.monotonic() - batch_started >= interval_s:
+                if not sink.in_transaction:
+                    continue
+                if time.monotonic() - batch_started < interval_s:
+                    sink.ship()  # the child produces while the interval runs out
+                else:
                     assert last_txn is not None
                     self._commit(last_txn, pending_events, pending_txns, pending_bytes)
                     pending_events = pending_txns = pending_bytes = 0

@@ -120,6 +120,11 @@ class RemoteProducer:
         if self._buffered >= self._batch_messages:
             self._ship()
 
+    def ship(self) -> None:
+        """Hand what is buffered to the child now, so it produces while the caller goes on."""
+        if self._buffer:
+            self._ship()
+
     def init_transactions(self, timeout: float) -> None:
         self._rpc("init_transactions", (timeout,), timeout_s=timeout)
 

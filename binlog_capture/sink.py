@@ -278,6 +278,12 @@ class KafkaTxnSink:
         for value, key, part, headers in messages:
             send(value, key, part, headers)
 
+    def ship(self) -> None:
+        """Start sending what :meth:`send_many` queued (the producer process batches until its
+        frame is full or this is called; an in-process producer sends on its own)."""
+        if isinstance(self._producer, RemoteProducer):
+            self._producer.ship()
+
     def commit(self, checkpoint: Checkpoint) -> float:
         """Write ``checkpoint`` and commit the transaction; returns the commit latency in seconds.
 

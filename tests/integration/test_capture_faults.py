@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kafka import KafkaConsumer, TopicPartition
 
 from binlog_capture.testing import producer_processes, read_events, settings_for, spawn, wait_log
+from wmb import topics
 from wmb.errors import ExitCode
 from wmb.event import ChangeEvent, Op
 
@@ -191,33 +193,32 @@ def test_kill_minus_9_keeps_every_transaction_exactly_once(
     load.start()
     kills = 0
     killed_inside_big = 0
-    big_gtid = ""
+    big_gtids: list[str] = []
     try:
-        # 1) kill inside the production of a 10k-row transaction: watch the uncommitted stream.
-        with mariadb_master.connect(autocommit=False) as conn, conn.cursor() as cur:
-            cur.executemany(f"INSERT INTO {db}.big VALUES (%s, %s)", [(i, "b" * 500) for i in range(10_000)])
-            conn.commit()
-            cur.execute("SELECT @@last_gtid")
-            big_gtid = str(cur.fetchone()[0])
-        for _ in range(6):
-            read_events(
-                kafka_bj.bootstrap,
-                source,
-                isolation="read_uncommitted",
-                until=lambda evs: any(e.txn.id == big_gtid for _, e in evs[-5000:]),
-                timeout_s=120,
+        # 1) kill inside the production of a 10k-row transaction: its records are in the log
+        #    (high watermark) but not committed (last stable offset).  A kill that lands after the
+        #    commit is no kill inside it: write another big transaction and try again.
+        for _ in range(4):
+            with mariadb_master.connect(autocommit=False) as conn, conn.cursor() as cur:
+                first = 10_000 * len(big_gtids)
+                cur.executemany(
+                    f"INSERT INTO {db}.big VALUES (%s, %s)",
+                    [(first + i, "b" * 500) for i in range(10_000)],
+                )
+                conn.commit()
+                cur.execute("SELECT @@last_gtid")
+                big_gtids.append(str(cur.fetchone()[0]))
+            _kill_inside_open_transaction(
+                proc, kafka_bj.bootstrap, source, min_open_records=1000, committed_by=10_000
             )
-            proc.kill()
-            proc.wait()
             kills += 1
             committed = read_events(kafka_bj.bootstrap, source)
-            if not any(e.txn.id == big_gtid for _, e in committed):
-                killed_inside_big += 1
-                proc = spawn(settings, tmp_path)
-                wait_log(log, "binlog_stream_open", proc=proc)
-                break
             proc = spawn(settings, tmp_path)
             wait_log(log, "binlog_stream_open", proc=proc)
+            if not any(e.txn.id == big_gtids[-1] for _, e in committed):
+                killed_inside_big += 1
+                print(f"\nkilled inside a 10k-row transaction at attempt {len(big_gtids)}")
+                break
         # 2) random kills under the running load
         rng = random.Random(11)
         for _ in range(5):
@@ -232,7 +233,7 @@ def test_kill_minus_9_keeps_every_transaction_exactly_once(
         load.halt.set()
         load.join(30)
         final = dict(load.committed)
-        final[big_gtid] = 10_000
+        final.update(dict.fromkeys(big_gtids, 10_000))
         wait_log(log, "binlog_stream_open", proc=proc)
 
         def complete(evs: list[tuple[int, ChangeEvent]]) -> bool:
@@ -246,8 +247,42 @@ def test_kill_minus_9_keeps_every_transaction_exactly_once(
             proc.send_signal(signal.SIGTERM)
             _finish(proc, 30)
     assert kills >= 6 and killed_inside_big >= 1, (kills, killed_inside_big)
-    master_rows = mariadb_master.query(f"SELECT COUNT(*) FROM {db}.t")[0][0] + 10_000
+    master_rows = sum(mariadb_master.query(f"SELECT COUNT(*) FROM {db}.{t}")[0][0] for t in ("t", "big"))
     _assert_exactly_once(events, final, master_rows)
+
+
+def _kill_inside_open_transaction(
+    proc: subprocess.Popen[bytes], bootstrap: str, source: str, *, min_open_records: int, committed_by: int
+) -> None:
+    """kill -9 ``proc`` as soon as the changes topic holds ``min_open_records`` records past its
+    last stable offset, i.e. while a large Kafka transaction is produced but not committed; or,
+    if the stable offsets moved ``committed_by`` records first (the window was missed), then."""
+    tps_topic = topics.changes_topic(source)
+    uncommitted = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_uncommitted")
+    committed = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
+    try:
+        tps = [
+            TopicPartition(tps_topic, p) for p in sorted(uncommitted.partitions_for_topic(tps_topic) or ())
+        ]
+        assert tps, f"no partitions for {tps_topic}"
+        deadline = time.monotonic() + 120
+        start = sum(committed.end_offsets(tps).values())
+        while True:
+            high = uncommitted.end_offsets(tps)
+            stable = committed.end_offsets(tps)
+            if (
+                sum(high[tp] - stable[tp] for tp in tps) >= min_open_records
+                or sum(stable.values()) - start >= committed_by
+            ):
+                proc.kill()
+                proc.wait()
+                return
+            assert proc.poll() is None, f"capture exited {proc.returncode}"
+            assert time.monotonic() < deadline, "no large open transaction seen in 120 s"
+            time.sleep(0.002)
+    finally:
+        uncommitted.close()
+        committed.close()
 
 
 def _assert_gone(pids: list[int], timeout_s: float = 10.0) -> None:
