@@ -178,19 +178,32 @@ class _Load(threading.Thread):
             self.halt.wait(0.003)
 
 
+class _UnderLoad:
+    """A capture subprocess (``--from-now``) of a fresh database ``db`` (table ``t`` and any
+    ``extra_tables``) with :class:`_Load` writing into ``db.t``."""
+
+    def __init__(
+        self, mariadb: Any, kafka: Any, tmp_path: Path, prefix: str, *extra_tables: str, **settings: Any
+    ) -> None:
+        self.db = self.source = _name(prefix)
+        mariadb.execute(f"CREATE DATABASE {self.db}")
+        for table in ("t (id INT PRIMARY KEY, v VARCHAR(64))", *extra_tables):
+            mariadb.execute(f"CREATE TABLE {self.db}.{table}")
+        self.settings = settings_for(
+            mariadb, kafka, self.source, include=(f"{self.db}.*",), partitions=2, **settings
+        )
+        self.log = tmp_path / "capture.log"
+        self.proc = spawn(self.settings, tmp_path, "--from-now")
+        wait_log(self.log, "binlog_stream_open", proc=self.proc)
+        self.load = _Load(mariadb, self.db)
+        self.load.start()
+
+
 def test_kill_minus_9_keeps_every_transaction_exactly_once(
     mariadb_master: Any, kafka_bj: Any, tmp_path: Path
 ) -> None:
-    db, source = _name("crash"), _name("crash")
-    mariadb_master.execute(f"CREATE DATABASE {db}")
-    mariadb_master.execute(f"CREATE TABLE {db}.t (id INT PRIMARY KEY, v VARCHAR(64))")
-    mariadb_master.execute(f"CREATE TABLE {db}.big (id INT PRIMARY KEY, v VARCHAR(600))")
-    settings = settings_for(mariadb_master, kafka_bj, source, include=(f"{db}.*",), partitions=2)
-    log = tmp_path / "capture.log"
-    proc = spawn(settings, tmp_path, "--from-now")
-    wait_log(log, "binlog_stream_open", proc=proc)
-    load = _Load(mariadb_master, db)
-    load.start()
+    run = _UnderLoad(mariadb_master, kafka_bj, tmp_path, "crash", "big (id INT PRIMARY KEY, v VARCHAR(600))")
+    db, source, settings, log, proc, load = run.db, run.source, run.settings, run.log, run.proc, run.load
     kills = 0
     killed_inside_big = 0
     big_gtids: list[str] = []
@@ -313,6 +326,37 @@ def _assert_exactly_once(
     assert len(rows) == master_rows
 
 
+def _wait_recoveries(log: Path, proc: subprocess.Popen[bytes], count: int, timeout_s: float = 120) -> None:
+    """Until the capture has logged ``count`` in-process recoveries (and is still running)."""
+    deadline = time.monotonic() + timeout_s
+    while log.read_text().count("local_kafka_recovered") < count:
+        assert proc.poll() is None, f"capture exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no recovery {count}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+def _wait_flowing(bootstrap: str, source: str, more: int) -> None:
+    """Until ``more`` events beyond those committed now are committed."""
+    seen = len(read_events(bootstrap, source, timeout_s=120))
+    read_events(bootstrap, source, until=lambda evs: len(evs) > seen + more, timeout_s=120)
+
+
+def _stop_load(
+    load: _Load, bootstrap: str, source: str
+) -> tuple[dict[str, int], list[tuple[int, ChangeEvent]]]:
+    """Stop the load; its committed transactions and, once all their rows arrived, the events."""
+    load.halt.set()
+    load.join(30)
+    final = dict(load.committed)
+    events = read_events(
+        bootstrap,
+        source,
+        until=lambda evs: sum(e.op is Op.INSERT for _, e in evs) >= sum(final.values()),
+        timeout_s=240,
+    )
+    return final, events
+
+
 def test_local_kafka_outage_recovers_in_process_exactly_once(
     mariadb_master: Any, server_factory: Any, tmp_path: Path
 ) -> None:
@@ -320,17 +364,8 @@ def test_local_kafka_outage_recovers_in_process_exactly_once(
     must recover in process (new producer, resume after the committed checkpoint), not exit and
     not read the broker's abort of its open transaction as fencing, and lose or repeat nothing."""
     kafka = server_factory.kafka(name="bj_capture_private")
-    db, source = _name("kout"), _name("kout")
-    mariadb_master.execute(f"CREATE DATABASE {db}")
-    mariadb_master.execute(f"CREATE TABLE {db}.t (id INT PRIMARY KEY, v VARCHAR(64))")
-    settings = settings_for(
-        mariadb_master, kafka, source, include=(f"{db}.*",), partitions=2, kafka_call_timeout_s=3.0
-    )
-    log = tmp_path / "capture.log"
-    proc = spawn(settings, tmp_path, "--from-now")
-    wait_log(log, "binlog_stream_open", proc=proc)
-    load = _Load(mariadb_master, db)
-    load.start()
+    run = _UnderLoad(mariadb_master, kafka, tmp_path, "kout", kafka_call_timeout_s=3.0)
+    db, source, log, proc, load = run.db, run.source, run.log, run.proc, run.load
     try:
         read_events(kafka.bootstrap, source, until=lambda evs: len(evs) > 200, timeout_s=120)
         for outage in range(2):
@@ -338,27 +373,10 @@ def test_local_kafka_outage_recovers_in_process_exactly_once(
             time.sleep(10.0)  # > kafka_call_timeout_s: the open transaction cannot commit
             kafka.restart()
             restarted = time.monotonic()
-            deadline = restarted + 120
-            while log.read_text().count("local_kafka_recovered") < outage + 1:
-                assert proc.poll() is None, f"capture exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"no recovery {outage + 1}:\n{log.read_text()[-3000:]}"
-                time.sleep(0.2)
+            _wait_recoveries(log, proc, outage + 1)
             print(f"\noutage {outage + 1}: recovered {time.monotonic() - restarted:.1f} s after the restart")
-            seen = len(read_events(kafka.bootstrap, source, timeout_s=120))
-
-            def flowing(evs: list[tuple[int, ChangeEvent]], seen: int = seen) -> bool:
-                return len(evs) > seen + 200
-
-            read_events(kafka.bootstrap, source, until=flowing, timeout_s=120)
-        load.halt.set()
-        load.join(30)
-        final = dict(load.committed)
-        events = read_events(
-            kafka.bootstrap,
-            source,
-            until=lambda evs: sum(e.op is Op.INSERT for _, e in evs) >= sum(final.values()),
-            timeout_s=240,
-        )
+            _wait_flowing(kafka.bootstrap, source, 200)
+        final, events = _stop_load(load, kafka.bootstrap, source)
         assert proc.poll() is None, f"capture exited {proc.returncode}:\n{log.read_text()[-3000:]}"
         text = log.read_text()
         assert text.count("local_kafka_recovered") >= 2, text[-3000:]
@@ -378,42 +396,18 @@ def test_producer_process_killed_recovers_exactly_once(
     """kill -9 of the capture's producer process (the child that hosts the Kafka producer) under
     load: the daemon must start a new one and resume after the committed checkpoint in process,
     losing or repeating nothing."""
-    db, source = _name("pkill"), _name("pkill")
-    mariadb_master.execute(f"CREATE DATABASE {db}")
-    mariadb_master.execute(f"CREATE TABLE {db}.t (id INT PRIMARY KEY, v VARCHAR(64))")
-    settings = settings_for(mariadb_master, kafka_bj, source, include=(f"{db}.*",), partitions=2)
-    log = tmp_path / "capture.log"
-    proc = spawn(settings, tmp_path, "--from-now")
-    wait_log(log, "binlog_stream_open", proc=proc)
-    load = _Load(mariadb_master, db)
-    load.start()
+    run = _UnderLoad(mariadb_master, kafka_bj, tmp_path, "pkill")
+    db, source, log, proc, load = run.db, run.source, run.log, run.proc, run.load
     try:
         read_events(kafka_bj.bootstrap, source, until=lambda evs: len(evs) > 200, timeout_s=120)
         for kill in range(3):
             producers = producer_processes(proc.pid)
             assert len(producers) == 1, producers
             subprocess.run(["kill", "-9", str(producers[0])], check=True)
-            deadline = time.monotonic() + 120
-            while log.read_text().count("local_kafka_recovered") < kill + 1:
-                assert proc.poll() is None, f"capture exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"no recovery {kill + 1}:\n{log.read_text()[-3000:]}"
-                time.sleep(0.1)
+            _wait_recoveries(log, proc, kill + 1)
             assert producer_processes(proc.pid) not in ([], producers)
-            seen = len(read_events(kafka_bj.bootstrap, source, timeout_s=120))
-
-            def flowing(evs: list[tuple[int, ChangeEvent]], seen: int = seen) -> bool:
-                return len(evs) > seen + 100
-
-            read_events(kafka_bj.bootstrap, source, until=flowing, timeout_s=120)
-        load.halt.set()
-        load.join(30)
-        final = dict(load.committed)
-        events = read_events(
-            kafka_bj.bootstrap,
-            source,
-            until=lambda evs: sum(e.op is Op.INSERT for _, e in evs) >= sum(final.values()),
-            timeout_s=240,
-        )
+            _wait_flowing(kafka_bj.bootstrap, source, 100)
+        final, events = _stop_load(load, kafka_bj.bootstrap, source)
         assert proc.poll() is None, f"capture exited {proc.returncode}:\n{log.read_text()[-3000:]}"
     finally:
         load.halt.set()
